@@ -1,0 +1,69 @@
+"""LightningCLI entry point: ``python train.py fit|validate|test|predict --config configs/….yaml``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ep_lightning.data import MNISTDataModule
+
+#: Default intra-op threads on CPU. Relaxation of small batches is a chain of small matrix products: on the
+#: 2-core CI machine kind two OpenMP threads ran EP up to 10× slower than one under load (benchmarks/threads.py).
+DEFAULT_THREADS = 1
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op thread count: ``threads`` if given, else $OMP_NUM_THREADS, else DEFAULT_THREADS."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS")
+        threads = int(env) if env and env.isdigit() else DEFAULT_THREADS
+    if threads < 1:
+        raise ValueError(f"threads={threads} is invalid: use a positive number of CPU threads")
+    torch.set_num_threads(threads)
+    return threads
+
+
+class EPLightningCLI(LightningCLI):
+    """LightningCLI with two extra options: ``--threads`` and ``--test_after_fit`` (test the final weights)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="CPU threads for torch (default: $OMP_NUM_THREADS, else 1; see README 'Performance').",
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After `fit`, run `test` on the final weights and print test accuracy.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        configure_threads(config.get("threads"))
+
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand]
+        if config.get("test_after_fit", True) and not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
+    """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (used by tests)."""
+    return EPLightningCLI(
+        L.LightningModule,
+        MNISTDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )

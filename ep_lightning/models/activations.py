@@ -1,0 +1,77 @@
+"""Activation functions σ (and their derivatives σ') used by the convergent networks.
+
+Names are the ones accepted in configs (`activation: sigmoid`):
+
+- ``sigmoid``: the paper's shifted, steepened logistic σ(x) = 1 / (1 + exp(−4(x − ½))), range (0, 1);
+- ``hard_sigmoid``: σ(x) = clamp(x, 0, 1);
+- ``tanh``: σ(x) = tanh(x);
+- ``identity``: σ(x) = x (linear networks, used for exact checks of the theory).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+ActivationName = Literal["sigmoid", "hard_sigmoid", "tanh", "identity"]
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    """σ(x) = 1 / (1 + exp(−4(x − ½)))."""
+    return torch.sigmoid(4.0 * (x - 0.5))
+
+
+def sigmoid_derivative(x: Tensor) -> Tensor:
+    """σ'(x) = 4 σ(x)(1 − σ(x))."""
+    s = sigmoid(x)
+    return 4.0 * s * (1.0 - s)
+
+
+def hard_sigmoid(x: Tensor) -> Tensor:
+    """σ(x) = clamp(x, 0, 1)."""
+    return x.clamp(0.0, 1.0)
+
+
+def hard_sigmoid_derivative(x: Tensor) -> Tensor:
+    """σ'(x) = 1 on [0, 1], 0 elsewhere (the authors' convention at the kinks)."""
+    return ((x >= 0) & (x <= 1)).to(x.dtype)
+
+
+def tanh_derivative(x: Tensor) -> Tensor:
+    """σ'(x) = 1 − tanh²(x)."""
+    return 1.0 - torch.tanh(x) ** 2
+
+
+def identity(x: Tensor) -> Tensor:
+    """σ(x) = x."""
+    return x
+
+
+def identity_derivative(x: Tensor) -> Tensor:
+    """σ'(x) = 1."""
+    return torch.ones_like(x)
+
+
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "sigmoid": (sigmoid, sigmoid_derivative),
+    "hard_sigmoid": (hard_sigmoid, hard_sigmoid_derivative),
+    "tanh": (torch.tanh, tanh_derivative),
+    "identity": (identity, identity_derivative),
+}
+
+#: (lower, upper) bounds of each activation's range, used to measure saturation.
+ACTIVATION_BOUNDS: dict[str, tuple[float, float] | None] = {
+    "sigmoid": (0.0, 1.0),
+    "hard_sigmoid": (0.0, 1.0),
+    "tanh": (-1.0, 1.0),
+    "identity": None,
+}
+
+
+def get_activation(name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """Return (σ, σ') for a config name, or raise a ValueError listing the allowed names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is not known; allowed: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]

@@ -1,0 +1,91 @@
+"""The contract every convergent network fulfils (what a network *is*, independent of how it learns).
+
+Conventions, shared by all models:
+
+- **Layer order is input → output.** ``state`` is a tuple of tensors ``(s_1, …, s_L)`` with ``s_1`` next to the
+  input and ``state[-1]`` the output layer. The papers and the authors' code index from the output (their ``s_0``
+  is our ``state[-1]``); translate at the boundary, never inside the code.
+- **Φ is returned for both settings.** For prototypical (P) models ``phi`` is the primitive function Φ(x, s, θ);
+  for energy-based (EB) models it is −E(x, s, θ). The EP update is then always
+  Δθ = (1/β)(∂Φ/∂θ(s^β) − ∂Φ/∂θ(s*)), applied as the gradient of the surrogate (Φ(s*) − Φ(s^β))/β.
+- ``step`` computes the transition in closed form (no autograd inside), so it runs under ``torch.no_grad`` for EP
+  and builds a graph for BPTT with the same code.
+- The cost is ℓ(s, y) = ½‖s_out − y‖² per sample; nudging adds β·(−∂ℓ/∂s_out) = β(y − s_out) to the output update.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+State = tuple[Tensor, ...]
+
+
+class EnergyModel(nn.Module, ABC):
+    """A convergent recurrent network with a scalar function Φ (or energy E) and its one-step transition."""
+
+    #: "prototypical": s ← σ(∂Φ/∂s); "energy": s ← s − ε ∂E/∂s.
+    setting: Literal["prototypical", "energy"]
+    #: Number of output units (classes).
+    num_classes: int
+
+    @abstractmethod
+    def init_state(self, x: Tensor) -> State:
+        """The state every free phase starts from (zeros unless the model says otherwise)."""
+
+    @abstractmethod
+    def drive(self, x: Tensor) -> Any:
+        """The input term of the dynamics, constant during relaxation: compute it once per batch."""
+
+    @abstractmethod
+    def step(self, state: State, drive: Any, beta: float = 0.0, target: Tensor | None = None) -> State:
+        """One synchronous update of all layers; with β ≠ 0 the output is nudged toward ``target``."""
+
+    @abstractmethod
+    def phi(self, x: Tensor, state: State) -> Tensor:
+        """Per-sample Φ(x, s, θ) for P models, −E(x, s, θ) for EB models; shape (batch,)."""
+
+    @abstractmethod
+    def parameter_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped by layer, input → output, one group per per-layer learning rate."""
+
+    def output(self, state: State) -> Tensor:
+        """The network's prediction: the output layer's state."""
+        return state[-1]
+
+    def cost(self, state: State, target: Tensor) -> Tensor:
+        """ℓ(s, y) = ½‖s_out − y‖² per sample; shape (batch,)."""
+        return 0.5 * (self.output(state) - target).pow(2).flatten(1).sum(dim=1)
+
+    def nudge(self, state: State, target: Tensor) -> Tensor:
+        """−∂ℓ/∂s_out = y − s_out: the direction the output is pulled in the nudged phase."""
+        return target - self.output(state)
+
+    def encode_target(self, labels: Tensor, like: Tensor) -> Tensor:
+        """One-hot targets y in the dtype and device of ``like``."""
+        return F.one_hot(labels, self.num_classes).to(dtype=like.dtype, device=like.device)
+
+    def predict(self, state: State) -> Tensor:
+        """Predicted class per sample: argmax of the output layer."""
+        return self.output(state).argmax(dim=1)
+
+    def state_names(self) -> list[str]:
+        """Display names of the state layers, input → output (``layer1`` … ``output``)."""
+        n = len(self.init_state_shapes())
+        return [f"layer{i + 1}" for i in range(n - 1)] + ["output"]
+
+    @abstractmethod
+    def init_state_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shape of each state layer, input → output."""
+
+    def forward(self, x: Tensor, steps: int) -> Tensor:
+        """Inference: relax the free phase ``steps`` steps from ``init_state`` and return the output layer."""
+        from ep_lightning.dynamics import relax
+
+        with torch.no_grad():
+            state = relax(self, self.drive(x), self.init_state(x), steps)
+        return self.output(state)
