@@ -32,6 +32,10 @@ class EnergyModel(nn.Module, ABC):
     setting: Literal["prototypical", "energy"]
     #: Number of output units (classes).
     num_classes: int
+    #: Factor with which β enters the step relative to the cost gradient: 1 for P models (s ← σ(…) + β(y − s)),
+    #: ε for EB models (s ← s − ε∂E/∂s − εβ∂ℓ/∂s). EP *neural* updates (s^β_{t+1} − s^β_t)/β must be divided by it
+    #: to compare with BPTT gradients; weight updates need no correction.
+    nudge_scale: float = 1.0
 
     @abstractmethod
     def init_state(self, x: Tensor) -> State:
