@@ -10,7 +10,8 @@ Conventions, shared by all models:
   Δθ = (1/β)(∂Φ/∂θ(s^β) − ∂Φ/∂θ(s*)), applied as the gradient of the surrogate (Φ(s*) − Φ(s^β))/β.
 - ``step`` computes the transition in closed form (no autograd inside), so it runs under ``torch.no_grad`` for EP
   and builds a graph for BPTT with the same code.
-- The cost is ℓ(s, y) = ½‖s_out − y‖² per sample; nudging adds β·(−∂ℓ/∂s_out) = β(y − s_out) to the output update.
+- The cost is ℓ(s, y) = ½‖s_out − y‖² per sample (``cost_scale`` c = ½); nudging adds β·(−∂ℓ/∂s_out) = β(y − s_out)
+  to the output update (times ε for EB models, see ``nudge_scale``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class EnergyModel(nn.Module, ABC):
     #: ε for EB models (s ← s − ε∂E/∂s − εβ∂ℓ/∂s). EP *neural* updates (s^β_{t+1} − s^β_t)/β must be divided by it
     #: to compare with BPTT gradients; weight updates need no correction.
     nudge_scale: float = 1.0
+    #: c in the cost ℓ = c‖s_out − y‖² (½ in Ernoult et al.; 1 in O'Connor et al.'s Initialized EP).
+    cost_scale: float = 0.5
 
     @abstractmethod
     def init_state(self, x: Tensor) -> State:
@@ -62,12 +65,13 @@ class EnergyModel(nn.Module, ABC):
         return state[-1]
 
     def cost(self, state: State, target: Tensor) -> Tensor:
-        """ℓ(s, y) = ½‖s_out − y‖² per sample; shape (batch,)."""
-        return 0.5 * (self.output(state) - target).pow(2).flatten(1).sum(dim=1)
+        """ℓ(s, y) = c‖s_out − y‖² per sample (c = ``cost_scale``, ½ by default); shape (batch,)."""
+        return self.cost_scale * (self.output(state) - target).pow(2).flatten(1).sum(dim=1)
 
     def nudge(self, state: State, target: Tensor) -> Tensor:
-        """−∂ℓ/∂s_out = y − s_out: the direction the output is pulled in the nudged phase."""
-        return target - self.output(state)
+        """−∂ℓ/∂s_out = 2c(y − s_out): the direction the output is pulled in the nudged phase."""
+        diff = target - self.output(state)
+        return diff if self.cost_scale == 0.5 else (2.0 * self.cost_scale) * diff
 
     def encode_target(self, labels: Tensor, like: Tensor) -> Tensor:
         """One-hot targets y in the dtype and device of ``like``."""

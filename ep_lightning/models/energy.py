@@ -1,0 +1,137 @@
+"""Layered fully-connected energy-based (EB) networks: Hopfield-like energy, Euler steps on E.
+
+Used for the EB rows of Ernoult et al. 2019 (ε = 0.2, paper sigmoid ρ) and, with ρ = hard sigmoid, ε = 0.5 and
+c = 1, for the equilibrating network of Initialized EP (O'Connor et al. 2019).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ep_lightning.models.activations import ActivationName, get_activation
+from ep_lightning.models.base import EnergyModel, State
+
+
+class EnergyDrive(NamedTuple):
+    """Constant terms of the EB dynamics for one batch.
+
+    ``input``: W_0 ρ(x) + b_0 (drive of the first layer). ``anchor``/``anchor_strength``: optional s^f and λ of the
+    Initialized-EP energy E^λ = E + (λ/2)Σ_n‖s_n − s^f_n‖² (``None``/0 for plain EP).
+    """
+
+    input: Tensor
+    anchor: State | None = None
+    anchor_strength: float = 0.0
+
+
+class EnergyBasedNet(EnergyModel):
+    """EB network with layers ``[n_in, n_1, …, n_out]`` (input → output), h_0 = x, h_n = ``state[n-1]``:
+
+        E(x, s, θ) = ½ Σ_n ‖h_n‖² − Σ_n ρ(h_{n+1}) · (W_n ρ(h_n) + b_n)                       (n ≥ 1 in the first sum)
+
+    Transition (all layers from the old state):
+
+        h ← h − ε ∂E/∂h + [output] ε β · 2c (y − h_out),   then clamp to [0, 1] if ``clamp``,
+        −∂E/∂h_{n+1} = −h_{n+1} + ρ'(h_{n+1}) ⊙ (W_n ρ(h_n) + b_n + W_{n+1}ᵀ ρ(h_{n+2})).
+
+    With an anchor (Initialized EP) the gradient gains λ(h − s^f). ``phi`` returns −E, so the EP update is
+    (1/β)(∂E/∂θ(s*) − ∂E/∂θ(s^β)). The output layer goes through ρ as in the energy above; the authors' code
+    omits ρ' on the output layer's dynamics.
+    """
+
+    setting = "energy"
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (784, 512, 10),
+        activation: ActivationName = "sigmoid",
+        eps: float = 0.2,
+        clamp: bool = True,
+        cost_scale: float = 0.5,
+    ) -> None:
+        """
+        Args:
+            layers: layer sizes from input to output, e.g. ``[784, 512, 10]`` for EB-1h.
+            activation: ρ, one of ``sigmoid`` (paper), ``hard_sigmoid`` (Initialized EP), ``tanh``, ``identity``.
+            eps: Euler step ε > 0 (0.2 in Ernoult et al., 0.5 in O'Connor et al.).
+            clamp: clamp states to [0, 1] after every step (both papers); off for the tanh toy model.
+            cost_scale: c in ℓ = c‖s_out − y‖² (½ in Ernoult et al., 1 in O'Connor et al.).
+        """
+        super().__init__()
+        layers = [int(n) for n in layers]
+        if len(layers) < 2 or any(n <= 0 for n in layers):
+            raise ValueError(
+                f"layers={layers} is invalid: give at least [n_in, n_out], every size a positive integer"
+            )
+        if not eps > 0 or not math.isfinite(eps):
+            raise ValueError(f"eps={eps} is invalid: the Euler step ε must be a finite number > 0 (e.g. 0.2)")
+        if not cost_scale > 0:
+            raise ValueError(f"cost_scale={cost_scale} is invalid: use a positive factor (0.5 or 1)")
+        self.layers = layers
+        self.activation_name = activation
+        self.rho, self.rho_prime = get_activation(activation)
+        self.eps = float(eps)
+        self.clamp = bool(clamp)
+        self.nudge_scale = self.eps
+        self.cost_scale = float(cost_scale)
+        self.num_classes = layers[-1]
+        self.synapses = nn.ModuleList(nn.Linear(layers[n], layers[n + 1]) for n in range(len(layers) - 1))
+
+    def init_state_shapes(self) -> list[tuple[int, ...]]:
+        return [(n,) for n in self.layers[1:]]
+
+    def init_state(self, x: Tensor) -> State:
+        w = self.synapses[0].weight
+        return tuple(torch.zeros(x.shape[0], n, dtype=w.dtype, device=w.device) for n in self.layers[1:])
+
+    def drive(self, x: Tensor, anchor: State | None = None, anchor_strength: float = 0.0) -> EnergyDrive:
+        """W_0 ρ(x) + b_0, plus the optional Initialized-EP anchor s^f with strength λ."""
+        if anchor is not None:
+            anchor = tuple(a.detach() for a in anchor)
+        return EnergyDrive(self.synapses[0](self.rho(x.flatten(1))), anchor, float(anchor_strength))
+
+    def energy_gradient(self, state: State, drive: EnergyDrive) -> list[Tensor]:
+        """∂E/∂h for every layer (plus λ(h − s^f) with an anchor), in closed form."""
+        rho_state = [self.rho(h) for h in state]
+        last = len(state) - 1
+        grads = []
+        for n, h in enumerate(state):
+            pre = drive.input if n == 0 else self.synapses[n](rho_state[n - 1])
+            if n < last:
+                pre = pre + rho_state[n + 1] @ self.synapses[n + 1].weight
+            grad = h - self.rho_prime(h) * pre
+            if drive.anchor is not None and drive.anchor_strength:
+                grad = grad + drive.anchor_strength * (h - drive.anchor[n])
+            grads.append(grad)
+        return grads
+
+    def step(self, state: State, drive: EnergyDrive, beta: float = 0.0, target: Tensor | None = None) -> State:
+        grads = self.energy_gradient(state, drive)
+        new_state = [h - self.eps * g for h, g in zip(state, grads)]
+        if beta != 0.0:
+            assert target is not None, "a nudged step needs a target"
+            new_state[-1] = new_state[-1] + (self.eps * beta) * self.nudge(state, target)
+        if self.clamp:
+            new_state = [h.clamp(0.0, 1.0) for h in new_state]
+        return tuple(new_state)
+
+    def energy(self, x: Tensor, state: State) -> Tensor:
+        """E(x, s, θ) per sample (without the anchor term, which does not depend on θ)."""
+        below = self.rho(x.flatten(1))
+        total = x.new_zeros(x.shape[0], dtype=state[0].dtype)
+        for synapse, h in zip(self.synapses, state):
+            rho_h = self.rho(h)
+            total = total + 0.5 * h.pow(2).sum(dim=1) - (rho_h * synapse(below)).sum(dim=1)
+            below = rho_h
+        return total
+
+    def phi(self, x: Tensor, state: State) -> Tensor:
+        """Φ = −E(x, s, θ) per sample."""
+        return -self.energy(x, state)
+
+    def parameter_groups(self) -> list[list[nn.Parameter]]:
+        return [list(synapse.parameters()) for synapse in self.synapses]
