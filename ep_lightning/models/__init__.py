@@ -1,7 +1,8 @@
 """Convergent networks: plain ``nn.Module``s holding Φ (or E) and their one-step dynamics."""
 
 from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.models.conv import ConvPrototypicalNet
 from ep_lightning.models.energy import EnergyBasedNet, EnergyDrive
 from ep_lightning.models.prototypical import PrototypicalNet
 
-__all__ = ["EnergyModel", "State", "PrototypicalNet", "EnergyBasedNet", "EnergyDrive"]
+__all__ = ["EnergyModel", "State", "PrototypicalNet", "EnergyBasedNet", "EnergyDrive", "ConvPrototypicalNet"]
