@@ -1,0 +1,181 @@
+"""Training and evaluation throughput of a config, through the real LightningModule (not a copy).
+
+    python benchmarks/throughput.py --config configs/mnist/p1h_ep.yaml [--batches 200] [--device cpu|cuda]
+        [--threads 1] [--set model.init_args.T=40 ...]
+
+Prints a human-readable summary, then one JSON line with keys including ``train_samples_per_s``,
+``eval_samples_per_s``, ``epoch_s`` (60k samples extrapolated), ``peak_mem_mb``, ``activation_mb`` (autograd-saved
+tensors of one training step: the BPTT trajectory) and the machine (CPU, threads, torch, GPU).
+Timing excludes ``--warmup`` batches (compilation, allocator warm-up). Never used for assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ep_lightning.cli import cli_main, configure_threads  # noqa: E402
+
+
+class BatchTimer(L.Callback):
+    """Wall time of training batches after ``warmup`` batches (synchronising CUDA at both ends)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: float | None = None
+        self.timed_batches = 0
+        self.samples = 0
+
+    def _sync(self, module: L.LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self._sync(module)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.timed_batches += 1
+            self.samples += batch[1].shape[0]
+
+    def elapsed(self, module: L.LightningModule) -> float:
+        self._sync(module)
+        assert self.start is not None, "not enough batches to time: raise --batches"
+        return time.perf_counter() - self.start
+
+
+def activation_megabytes(module: L.LightningModule, batch) -> float:
+    """MB of tensors autograd saves for backward during one training step (what BPTT stores per step)."""
+    saved = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x, labels = batch
+        target = module.model.encode_target(labels, x)
+        if module.algorithm == "ep":
+            from ep_lightning.algorithms import ep_surrogate
+
+            free, nudged = module.ep_phases(x, target)
+            ep_surrogate(module.model, x, free, nudged, module.beta)
+        else:
+            from ep_lightning.algorithms import bptt_loss
+
+            _, final = module.bptt_forward(x)
+            bptt_loss(module.model, final, target)
+    return saved / 2**20
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--batches", type=int, default=200, help="timed training batches")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--eval_batches", type=int, default=5, help="timed evaluation batches (eval_batch_size each)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", nargs="*", default=[], help="extra CLI overrides key=value, e.g. model.init_args.T=40")
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # the CLI below gets its arguments explicitly
+    configure_threads(args.threads)
+
+    overrides = []
+    for item in args.set:
+        key, value = item.split("=", 1)
+        overrides += [f"--{key}", value]
+    train_batches = args.warmup + args.batches
+    cli = cli_main(
+        ["--config", args.config, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.accelerator", args.device, "--trainer.callbacks", "[]", "--trainer.max_epochs", "1",
+         "--trainer.limit_train_batches", str(train_batches), "--trainer.limit_val_batches", "0",
+         "--trainer.limit_test_batches", str(args.eval_batches + 1),
+         "--trainer.default_root_dir", "/tmp/ep_benchmark", "--threads", str(torch.get_num_threads()), *overrides],
+        run=False,
+    )
+    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    timer = BatchTimer(args.warmup)
+    trainer.callbacks.append(timer)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=datamodule)
+    train_s = timer.elapsed(module)
+    train_rate = timer.samples / train_s
+
+    # Evaluation: time the test loop (first batch excluded as warm-up by timing the rest).
+    datamodule.setup("test")
+    test_loader = datamodule.test_dataloader()
+    batches = [b for _, b in zip(range(args.eval_batches + 1), test_loader)]
+    module.eval()
+    batches = [trainer.strategy.batch_to_device(b) for b in batches]
+    module.free_phase(batches[0][0], module.eval_steps)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    n_eval = 0
+    for x, _ in batches[1:]:
+        module.free_phase(x, module.eval_steps)
+        n_eval += x.shape[0]
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    eval_rate = n_eval / (time.perf_counter() - start)
+
+    module.train()
+    sample_batch = trainer.strategy.batch_to_device(next(iter(datamodule.train_dataloader())))
+    act_mb = activation_megabytes(module, sample_batch)
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {
+        "config": args.config,
+        "overrides": args.set,
+        "algorithm": module.algorithm,
+        "T": module.T,
+        "K": module.K,
+        "batch_size": datamodule.hparams.batch_size,
+        "train_samples_per_s": round(train_rate, 1),
+        "epoch_s": round(60000 / train_rate, 1),
+        "eval_samples_per_s": round(eval_rate, 1),
+        "peak_mem_mb": round(peak, 1),
+        "peak_mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "process max RSS",
+        "activation_mb": round(act_mb, 3),
+        "device": args.device,
+        **machine(),
+    }
+    print(f"{args.config}: train {train_rate:,.0f} samples/s ({60000 / train_rate:.1f} s/epoch), "
+          f"eval {eval_rate:,.0f} samples/s, activations {act_mb:.2f} MB, peak {peak:.0f} MB")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
