@@ -18,7 +18,7 @@ def ep_surrogate(model: EnergyModel, x: Tensor, free: State, nudged: State, beta
     """
     free = tuple(s.detach() for s in free)
     nudged = tuple(s.detach() for s in nudged)
-    return (model.phi(x, free) - model.phi(x, nudged)).mean() / beta
+    return model.ep_contrast(x, free, nudged) / (beta * x.shape[0])
 
 
 def bptt_loss(model: EnergyModel, state: State, target: Tensor) -> Tensor:

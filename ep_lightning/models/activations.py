@@ -10,7 +10,7 @@ Names are the ones accepted in configs (`activation: sigmoid`):
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -70,8 +70,31 @@ ACTIVATION_BOUNDS: dict[str, tuple[float, float] | None] = {
 }
 
 
+class FusedActivation(NamedTuple):
+    """σ(z) = g(a·z + c) with g applied in place: lets a layer compute σ(W h + b) as g_(addmm(a·b + c, h, Wᵀ, alpha=a)),
+    two kernels instead of five. ``inplace`` is None for the identity."""
+
+    scale: float
+    shift: float
+    inplace: Callable[[Tensor], Tensor] | None
+
+
+FUSED: dict[str, FusedActivation] = {
+    "sigmoid": FusedActivation(4.0, -2.0, torch.sigmoid_),  # σ(z) = logistic(4z − 2)
+    "hard_sigmoid": FusedActivation(1.0, 0.0, lambda t: t.clamp_(0.0, 1.0)),
+    "tanh": FusedActivation(1.0, 0.0, torch.tanh_),
+    "identity": FusedActivation(1.0, 0.0, None),
+}
+
+
 def get_activation(name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """Return (σ, σ') for a config name, or raise a ValueError listing the allowed names."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation={name!r} is not known; allowed: {', '.join(sorted(ACTIVATIONS))}")
     return ACTIVATIONS[name]
+
+
+def get_fused_activation(name: str) -> FusedActivation:
+    """The (a, c, g_) form of σ for a config name (see ``FusedActivation``)."""
+    get_activation(name)  # validates the name
+    return FUSED[name]

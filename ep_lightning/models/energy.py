@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ep_lightning.models.activations import ActivationName, get_activation
 from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.models.layered import bilinear_contrast
 
 
 class EnergyDrive(NamedTuple):
@@ -132,6 +133,16 @@ class EnergyBasedNet(EnergyModel):
     def phi(self, x: Tensor, state: State) -> Tensor:
         """Φ = −E(x, s, θ) per sample."""
         return -self.energy(x, state)
+
+    def ep_contrast(self, x: Tensor, free: State, nudged: State) -> Tensor:
+        """Σ_batch [E(s^β) − E(s*)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ on the activated layers u = ρ(h), u_0 = ρ(x), plus the
+        θ-independent ½‖h‖² terms (kept so the value equals the default −E form)."""
+        x_term = self.rho(x.flatten(1).to(free[0].dtype))
+        with torch.no_grad():
+            u_free = (x_term, *(self.rho(h) for h in free))
+            u_nudged = (x_term, *(self.rho(h) for h in nudged))
+            quadratic = 0.5 * sum(hn.pow(2).sum() - hf.pow(2).sum() for hf, hn in zip(free, nudged))
+        return bilinear_contrast(self.synapses, u_free, u_nudged) + quadratic
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         return [list(synapse.parameters()) for synapse in self.synapses]

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ep_lightning.models.activations import ActivationName, get_activation
+from ep_lightning.models.activations import ActivationName, get_activation, get_fused_activation
 from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.models.layered import bilinear_contrast
+
+
+class PrototypicalDrive(NamedTuple):
+    """Per-batch constants of the P dynamics with σ(z) = g(a z + c): ``first`` = a(W_0 x + b_0) + c and
+    ``biases[n-1]`` = a b_n + c for the layers above the first."""
+
+    first: Tensor
+    biases: tuple[Tensor, ...]
 
 
 class PrototypicalNet(EnergyModel):
@@ -54,6 +63,7 @@ class PrototypicalNet(EnergyModel):
         self.layers = layers
         self.activation_name = activation
         self.sigma, _ = get_activation(activation)
+        self.fused = get_fused_activation(activation)
         self.dt = float(dt)
         self.num_classes = layers[-1]
         self.synapses = nn.ModuleList(nn.Linear(layers[n], layers[n + 1]) for n in range(len(layers) - 1))
@@ -66,22 +76,36 @@ class PrototypicalNet(EnergyModel):
         w = self.synapses[0].weight
         return tuple(torch.zeros(batch, n, dtype=w.dtype, device=w.device) for n in self.layers[1:])
 
-    def drive(self, x: Tensor) -> Tensor:
-        """W_0 x + b_0, the constant input term of the first layer."""
-        return self.synapses[0](x.flatten(1))
+    def drive(self, x: Tensor) -> PrototypicalDrive:
+        """Constant terms: a(W_0 x + b_0) + c for the first layer, a b_n + c for the others (σ(z) = g(az + c))."""
+        a, c, _ = self.fused
+        first = self.synapses[0]
+        biases = tuple(syn.bias * a + c for syn in self.synapses[1:])
+        return PrototypicalDrive(torch.addmm(first.bias * a + c, x.flatten(1), first.weight.T, alpha=a), biases)
 
-    def step(self, state: State, drive: Tensor, beta: float = 0.0, target: Tensor | None = None) -> State:
+    def step(self, state: State, drive: PrototypicalDrive, beta: float = 0.0, target: Tensor | None = None) -> State:
+        a, _, activate = self.fused
         last = len(state) - 1
         new_state = []
         for n, h in enumerate(state):
-            pre = drive if n == 0 else self.synapses[n](state[n - 1])
-            if n < last:
-                pre = pre + state[n + 1] @ self.synapses[n + 1].weight
-            update = self.sigma(pre) - h
+            # pre = a·∂Φ/∂h + c, built in place: a(W_n h_n + b_n) + c, then + a W_{n+1}ᵀ h_{n+2}.
+            if n == 0:
+                pre = (
+                    torch.addmm(drive.first, state[1], self.synapses[1].weight, alpha=a)
+                    if n < last
+                    else drive.first.clone()
+                )
+            else:
+                pre = torch.addmm(drive.biases[n - 1], state[n - 1], self.synapses[n].weight.T, alpha=a)
+                if n < last:
+                    pre.addmm_(state[n + 1], self.synapses[n + 1].weight, alpha=a)
+            new = activate(pre) if activate is not None else pre  # σ(∂Φ/∂h)
+            if self.dt != 1.0:
+                new = torch.lerp(h, new, self.dt)  # h + dt(σ(∂Φ/∂h) − h)
             if n == last and beta != 0.0:
                 assert target is not None, "a nudged step needs a target"
-                update = update + beta * self.nudge(state, target)
-            new_state.append(h + self.dt * update if self.dt != 1.0 else h + update)
+                new = torch.add(new, self.nudge(state, target), alpha=self.dt * beta)
+            new_state.append(new)
         return tuple(new_state)
 
     def phi(self, x: Tensor, state: State) -> Tensor:
@@ -92,6 +116,11 @@ class PrototypicalNet(EnergyModel):
             total = total + (h * synapse(below)).sum(dim=1)
             below = h
         return total
+
+    def ep_contrast(self, x: Tensor, free: State, nudged: State) -> Tensor:
+        """Σ_batch [Φ(s*) − Φ(s^β)] in the bilinear form Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ (see ``bilinear_contrast``)."""
+        x = x.flatten(1).to(free[0].dtype)
+        return bilinear_contrast(self.synapses, (x, *free), (x, *nudged))
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         return [list(synapse.parameters()) for synapse in self.synapses]
