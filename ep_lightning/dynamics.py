@@ -11,39 +11,84 @@ from ep_lightning.models.base import EnergyModel, State
 
 
 class RelaxationTrace:
-    """Per-step record of a relaxation: residuals ‖s_{t+1} − s_t‖ per layer (and Φ when ``x`` is given).
+    """Per-step record of a relaxation s_0 → s_1 → … → s_T (pass it as ``relax(..., trace=...)``).
 
-    Values stay on the device as tensors until read, so recording adds no host synchronisation per step.
+    At every step t = 1 … T it stores, per layer l and sample i, the residual r_t[l, i] = ‖s^l_t(i) − s^l_{t−1}(i)‖
+    (Euclidean norm over the layer's units), and optionally the batch-mean Φ(x, s_t) (when ``x`` and ``model`` are
+    given), every full state (``keep_states``) and the output layer of the first ``keep_outputs`` samples.
+    Values stay on the device as tensors until read, so recording adds no host synchronisation per step; ``relax``
+    only calls ``record`` when a trace is passed, so training without a trace pays nothing.
     """
 
-    def __init__(self, x: Tensor | None = None, model: EnergyModel | None = None, keep_states: bool = False) -> None:
+    def __init__(
+        self,
+        x: Tensor | None = None,
+        model: EnergyModel | None = None,
+        keep_states: bool = False,
+        keep_outputs: int = 0,
+    ) -> None:
+        """
+        Args:
+            x: the batch input, needed (with ``model``) to record Φ(x, s_t).
+            model: the relaxing model, needed (with ``x``) to record Φ(x, s_t).
+            keep_states: keep every state s_0 … s_T (detached) in ``states``.
+            keep_outputs: keep the output layer of the first ``keep_outputs`` samples at s_0 … s_T in ``outputs``.
+        """
+        if keep_outputs < 0:
+            raise ValueError(f"keep_outputs={keep_outputs} is invalid: use 0 (off) or a positive number of samples")
         self.x = x
         self.model = model
         self.keep_states = keep_states
-        self._residuals: list[Tensor] = []
+        self.keep_outputs = int(keep_outputs)
+        self._sample_residuals: list[Tensor] = []
         self._phi: list[Tensor] = []
+        self._outputs: list[Tensor] = []
         self.states: list[State] = []
 
     def record(self, before: State, after: State) -> None:
-        """Store mean over the batch of the per-sample residual norm of every layer (and Φ of ``after``)."""
-        res = [(a - b).flatten(1).norm(dim=1).mean() for a, b in zip(after, before)]
-        self._residuals.append(torch.stack(res).detach())
+        """Store the per-sample residual norm of every layer for the step ``before`` → ``after`` (and Φ of ``after``)."""
+        res = [(a - b).detach().flatten(1).norm(dim=1) for a, b in zip(after, before)]
+        self._sample_residuals.append(torch.stack(res))
         if self.x is not None and self.model is not None:
             self._phi.append(self.model.phi(self.x, after).mean().detach())
         if self.keep_states:
             if not self.states:
                 self.states.append(tuple(s.detach() for s in before))
             self.states.append(tuple(s.detach() for s in after))
+        if self.keep_outputs:
+            if not self._outputs:
+                self._outputs.append(before[-1][: self.keep_outputs].detach().flatten(1).clone())
+            self._outputs.append(after[-1][: self.keep_outputs].detach().flatten(1).clone())
+
+    @property
+    def steps(self) -> int:
+        """Number of steps recorded."""
+        return len(self._sample_residuals)
+
+    @property
+    def sample_residuals(self) -> Tensor:
+        """Tensor (steps, layers, batch): r_t[l, i] = ‖s^l_t(i) − s^l_{t−1}(i)‖ for t = 1 … steps."""
+        return torch.stack(self._sample_residuals) if self._sample_residuals else torch.empty(0, 0, 0)
 
     @property
     def residuals(self) -> Tensor:
         """Tensor (steps, layers): residual norm at each step, batch mean."""
-        return torch.stack(self._residuals) if self._residuals else torch.empty(0, 0)
+        return self.sample_residuals.mean(dim=2) if self._sample_residuals else torch.empty(0, 0)
+
+    @property
+    def total_residuals(self) -> Tensor:
+        """Tensor (steps, batch): residual of the whole state per sample, r_t(i) = (Σ_l r_t[l, i]²)^½."""
+        return self.sample_residuals.pow(2).sum(dim=1).sqrt() if self._sample_residuals else torch.empty(0, 0)
 
     @property
     def phi(self) -> Tensor:
         """Tensor (steps,): batch-mean Φ (or −E) after each step; empty when not recorded."""
         return torch.stack(self._phi) if self._phi else torch.empty(0)
+
+    @property
+    def outputs(self) -> Tensor:
+        """Tensor (steps + 1, keep_outputs, n_out): output layer at s_0 … s_T; empty when not recorded."""
+        return torch.stack(self._outputs) if self._outputs else torch.empty(0, 0, 0)
 
 
 def relax(

@@ -1,0 +1,347 @@
+"""ConvergenceMonitor: tags in a real TensorBoard event file, exact steps-to-convergence, zero cost when disabled."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.util import tensor_util
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ep_lightning.callbacks import ConvergenceMonitor
+from ep_lightning.callbacks.convergence import saturation_fraction, steps_to_tolerance, unconverged_fraction
+from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.models.prototypical import PrototypicalNet
+from ep_lightning.systems import EquilibriumModule
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/mnist/*.yaml"))
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------
+class CountingNet(PrototypicalNet):
+    """PrototypicalNet counting its relaxation steps (to prove that a disabled monitor relaxes nothing)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def step(self, state, drive, beta=0.0, target=None):
+        self.calls += 1
+        return super().step(state, drive, beta, target)
+
+
+class TinyConvNet(EnergyModel):
+    """A prototypical net with one conv layer (C×H×W state) and a dense output, Φ = h·conv(x) + o·(W h + b).
+
+    s ← σ(∂Φ/∂s): h ← σ(conv(x) + unflatten(Wᵀ o)), o ← σ(W flatten(h) + b). Only here to give the monitor 4-D states.
+    """
+
+    setting = "prototypical"
+    activation_name = "sigmoid"
+
+    def __init__(self, channels: int = 3, side: int = 4, n_out: int = 3) -> None:
+        super().__init__()
+        self.num_classes = n_out
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.fc = nn.Linear(channels * side * side, n_out)
+        self.shape = (channels, side, side)
+
+    def init_state_shapes(self) -> list[tuple[int, ...]]:
+        return [self.shape, (self.num_classes,)]
+
+    def init_state(self, x: Tensor) -> State:
+        w = self.fc.weight
+        return (x.new_zeros(x.shape[0], *self.shape, dtype=w.dtype), x.new_zeros(x.shape[0], self.num_classes, dtype=w.dtype))
+
+    def drive(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+    def step(self, state: State, drive: Tensor, beta: float = 0.0, target: Tensor | None = None) -> State:
+        h, o = state
+        sigma = lambda v: torch.sigmoid(4 * (v - 0.5))  # noqa: E731
+        new_h = sigma(drive + (o @ self.fc.weight).view_as(h))
+        new_o = sigma(self.fc(h.flatten(1)))
+        if beta:
+            new_o = new_o + beta * (target - o)
+        return new_h, new_o
+
+    def phi(self, x: Tensor, state: State) -> Tensor:
+        h, o = state
+        return (h * self.conv(x)).flatten(1).sum(1) + (o * self.fc(h.flatten(1))).sum(1)
+
+    def parameter_groups(self) -> list[list[nn.Parameter]]:
+        return [list(self.conv.parameters()), list(self.fc.parameters())]
+
+
+def loaders(n: int = 24, shape: tuple[int, ...] = (1, 4, 4), n_cls: int = 3, batch: int = 4, val: bool = False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, n_cls, (n,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+    if not val:
+        return train, None
+    xv = torch.rand(n, *shape, generator=g, dtype=torch.float64)
+    yv = torch.randint(0, n_cls, (n,), generator=g)
+    return train, DataLoader(TensorDataset(xv, yv), batch_size=8)
+
+
+def fit(model: EnergyModel, callbacks: list, tmp_path: Path | None, epochs: int = 1, val: bool = False, **module_kw):
+    torch.manual_seed(0)
+    module = EquilibriumModule(model.double(), T=module_kw.pop("T", 8), K=module_kw.pop("K", 3), beta=0.5, lrs=[0.05, 0.05])
+    logger = TensorBoardLogger(str(tmp_path), name="run") if tmp_path is not None else False
+    trainer = L.Trainer(
+        max_epochs=epochs, logger=logger, callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0, log_every_n_steps=1,
+    )
+    train, valid = loaders(shape=module_kw.pop("shape", (1, 4, 4)), val=val)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=valid)
+    return trainer, module
+
+
+def read_runs(log_dir: str) -> dict[str, EventAccumulator]:
+    """Every TensorBoard run under ``log_dir``, keyed by its path relative to it ('.' is the main run)."""
+    runs = {}
+    for d in sorted({os.path.dirname(p) for p in glob.glob(f"{log_dir}/**/events.out.tfevents*", recursive=True)}):
+        acc = EventAccumulator(d, size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+        acc.Reload()
+        runs[os.path.relpath(d, log_dir)] = acc
+    return runs
+
+
+def linear_net(rho: float, n_in: int = 4, n: int = 6) -> PrototypicalNet:
+    """Linear P-net [n_in, n, n], b_1 = 0, W_1 = ρ Q (Q orthogonal): s_{t+1} = M s_t + c with M = [[0, W_1ᵀ], [W_1, 0]],
+    whose singular values all equal ρ, so the residual contracts by exactly ρ per step: ‖d_t‖ = ρ^{t−1} ‖d_1‖."""
+    torch.manual_seed(1)
+    net = PrototypicalNet([n_in, n, n], activation="identity").double()
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    with torch.no_grad():
+        net.synapses[1].weight.copy_(rho * q)
+        net.synapses[1].bias.zero_()
+    return net
+
+
+# --- measurements -----------------------------------------------------------------------------------------------
+def test_trace_per_sample_residuals_match_a_direct_loop() -> None:
+    torch.manual_seed(0)
+    net = PrototypicalNet([5, 7, 3], activation="sigmoid").double()
+    x = torch.rand(6, 5, dtype=torch.float64)
+    trace = RelaxationTrace(x=x, model=net, keep_outputs=2)
+    with torch.no_grad():
+        relax(net, net.drive(x), net.init_state(x), 5, trace=trace)
+        states = [net.init_state(x)]
+        for _ in range(5):
+            states.append(net.step(states[-1], net.drive(x)))
+    expected = torch.stack([torch.stack([(a - b).norm(dim=1) for a, b in zip(s1, s0)]) for s0, s1 in zip(states, states[1:])])
+    # Same float64 operations in the same order: agreement to rounding.
+    torch.testing.assert_close(trace.sample_residuals, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(trace.residuals, expected.mean(2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(trace.total_residuals, expected.pow(2).sum(1).sqrt(), rtol=1e-12, atol=0)
+    assert trace.outputs.shape == (6, 2, 3)
+    torch.testing.assert_close(trace.outputs[-1], states[-1][-1][:2], rtol=0, atol=0)
+    torch.testing.assert_close(trace.phi, torch.stack([net.phi(x, s).mean() for s in states[1:]]), rtol=1e-12, atol=0)
+
+
+def test_steps_to_tolerance_on_a_known_contraction_rate(caplog: pytest.LogCaptureFixture) -> None:
+    rho, T = 0.5, 12
+    net = linear_net(rho)
+    module = EquilibriumModule(net, T=T, K=2, beta=0.5)
+    scales = torch.logspace(0, 3, 10, dtype=torch.float64)  # samples whose first residual spans three decades
+    x = torch.rand(10, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * scales[:, None]
+    c = (net.synapses[0](x)).norm(dim=1).detach()  # ‖d_1(i)‖ = ‖W_0 x_i + b_0‖ (the output layer starts at b_1 = 0)
+    final = rho ** (T - 1) * c
+    sorted_final = final.sort().values
+    tol = float((sorted_final[6] * sorted_final[7]).sqrt())  # between two samples: 3 of 10 end unconverged
+    expected_frac = float((final >= tol).double().mean())
+    # A second tolerance, crossed by the batch-mean residual ρ^{t−1}·mean(c) between t = 7 and t = 8.
+    tol_steps = rho**6.5 * float(c.mean())
+    mean_curve = [rho ** (t - 1) * float(c.mean()) for t in range(1, T + 1)]
+    expected_steps = next(t for t, r in enumerate(mean_curve, start=1) if r < tol_steps)
+    assert expected_steps == 8 and all(r >= tol for r in mean_curve)  # the mean never reaches the first tolerance
+
+    snap = ConvergenceMonitor(tolerance=tol_steps).snapshot(module, x, torch.zeros(10, dtype=torch.long))
+    assert snap.free.steps_to_tol == expected_steps
+    monitor = ConvergenceMonitor(tolerance=tol, warn_unconverged=0.2)
+    snap = monitor.snapshot(module, x, torch.zeros(10, dtype=torch.long))
+    assert snap.free.steps_to_tol == T + 1  # not reached within T
+    assert unconverged_fraction(snap.free.final, tol) == pytest.approx(expected_frac) == 0.3
+    # float64, ≤ 12 steps of 6×6 products: the per-sample residual follows ρ^{T−1}·c_i to 1e-10 relative.
+    torch.testing.assert_close(snap.free.final, final, rtol=1e-10, atol=0)
+    # Per layer the residual alternates between the layers: layer1 moves at odd t, the output layer at even t.
+    for t in range(1, T + 1):
+        moving = 0 if t % 2 else 1
+        assert snap.free.residuals[t - 1, moving] == pytest.approx(rho ** (t - 1) * float(c.mean()), rel=1e-10)
+        assert snap.free.residuals[t - 1, 1 - moving] == pytest.approx(0.0, abs=1e-12 * float(c.max()))
+    metrics = monitor.summary_metrics(snap, module)
+    assert metrics["convergence/free/steps_to_tol"] == T + 1
+    assert metrics["convergence/free/unconverged_frac"] == pytest.approx(0.3)
+    assert "saturation/free/layer1" not in metrics  # identity: σ has no bounds
+    with caplog.at_level(logging.WARNING, logger="ep_lightning.callbacks.convergence"):
+        monitor._warn_if_unconverged(snap, "test batch")
+    assert "30% of the test batch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ep_lightning.callbacks.convergence"):
+        ConvergenceMonitor(tolerance=tol, warn_unconverged=0.5)._warn_if_unconverged(snap, "test batch")
+    assert caplog.text == ""
+
+
+def test_measurement_helpers() -> None:
+    assert steps_to_tolerance(torch.tensor([1.0, 0.1, 0.01, 0.001]), 0.05) == 3
+    assert steps_to_tolerance(torch.tensor([1.0, 0.1]), 0.05) == 3  # never: steps + 1
+    assert unconverged_fraction(torch.tensor([0.1, 0.0, 0.2, 0.0]), 0.1) == 0.5
+    s = torch.tensor([0.0, 0.005, 0.5, 0.995, 1.0, 0.02])
+    assert saturation_fraction(s, (0.0, 1.0), 0.01) == pytest.approx(4 / 6)
+    assert saturation_fraction(torch.tensor([-1.0, 0.0, 0.99]), (-1.0, 1.0), 0.01) == pytest.approx(2 / 3)
+
+
+# --- TensorBoard output -----------------------------------------------------------------------------------------
+def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
+    monitor = ConvergenceMonitor(every_n_steps=4, every_n_epochs=1, max_samples=10, trajectory_samples=2)
+    trainer, module = fit(PrototypicalNet([16, 8, 3]), [monitor], tmp_path, epochs=2)
+    assert monitor.batch_source == "train"  # no validation data: first training samples
+    runs = read_runs(trainer.logger.log_dir)
+    assert set(runs) == {".", "relaxation/epoch_000", "relaxation/epoch_001"} | {
+        f"relaxation/step_{s:07d}" for s in (0, 4, 8)
+    }
+    main = runs["."].Tags()
+    names = ["layer1", "output"]
+    scalars = {"convergence/free/steps_to_tol", "convergence/nudged/steps_to_tol", "convergence/free/unconverged_frac"}
+    for phase in ("free", "nudged"):
+        scalars |= {f"convergence/{phase}/final_residual/{n}" for n in names} | {f"saturation/{phase}/{n}" for n in names}
+    train_scalars = {re.sub(r"^(convergence|saturation)/", r"\1/train/", tag) for tag in scalars}
+    assert scalars | train_scalars <= set(main["scalars"])
+    # Epoch-level scalars once per epoch; training-batch scalars at steps 0, 4, 8 (6 steps per epoch).
+    assert [e.step for e in runs["."].Scalars("convergence/free/steps_to_tol")] == [5, 11]
+    assert [e.step for e in runs["."].Scalars("convergence/train/free/steps_to_tol")] == [0, 4, 8]
+    assert set(main["images"]) == {
+        "convergence/relaxation", "convergence/output_trajectory",
+        "convergence/train/relaxation", "convergence/train/output_trajectory",
+    }
+    assert set(main["histograms"]) == (
+        {f"states/{p}/{n}" for p in ("free", "nudged") for n in names}
+        | {f"{kind}/synapses.{i}.{w}" for kind in ("weights", "ep_update") for i in (0, 1) for w in ("weight", "bias")}
+    )
+    T, K = module.T, module.K
+    curve_tags = {f"convergence/{p}/residual/{n}" for p in ("free", "nudged") for n in names}
+    curve_tags |= {"convergence/free/phi", "convergence/nudged/phi"}
+    for epoch in (0, 1):
+        run = runs[f"relaxation/epoch_{epoch:03d}"]
+        assert set(run.Tags()["scalars"]) == curve_tags
+        assert [e.step for e in run.Scalars("convergence/free/residual/layer1")] == list(range(1, T + 1))
+        assert [e.step for e in run.Scalars("convergence/nudged/phi")] == list(range(T + 1, T + K + 1))
+    assert set(runs["relaxation/step_0000004"].Tags()["scalars"]) == {t.replace("convergence/", "convergence/train/") for t in curve_tags}
+
+    # The logged per-t residual is the one of the fixed batch relaxed with the final weights (last epoch).
+    x, labels = monitor._batch
+    tr = RelaxationTrace()
+    with torch.no_grad():
+        relax(module.model, module.model.drive(x), module.model.init_state(x), T, trace=tr)
+    logged = [e.value for e in runs["relaxation/epoch_001"].Scalars("convergence/free/residual/output")]
+    torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), tr.residuals[:, 1], rtol=1e-6, atol=1e-12)  # float32 event values
+
+    # EP-update histogram = (1/β) mean_i (o^β h^βᵀ − o* h*ᵀ) for W_1, computed independently from the states.
+    net = module.model
+    with torch.no_grad():
+        free = relax(net, net.drive(x), net.init_state(x), T)
+        nudged = relax(net, net.drive(x), free, K, module.beta, net.encode_target(labels, x))
+    update = (nudged[1].T @ nudged[0] - free[1].T @ free[0]) / x.shape[0] / module.beta
+    hist = runs["."].Histograms("ep_update/synapses.1.weight")[-1].histogram_value
+    assert hist.num == update.numel()
+    assert hist.sum == pytest.approx(float(update.sum()), rel=1e-4, abs=1e-6)  # histogram built in float32
+
+    # The custom-scalars layout exists and each of its regexes matches a logged tag in some run.
+    event = runs["."].Tensors("custom_scalars__config__")[0]
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
+    all_tags = {t for acc in runs.values() for t in acc.Tags()["scalars"]}
+    regexes = [r for cat in layout.category for chart in cat.chart for r in chart.multiline.tag]
+    assert len(layout.category) == 3 and len(regexes) == 2 * (len(names) + 1) + 4
+    for regex in regexes:
+        assert any(re.search(regex, t) for t in all_tags), regex
+
+
+def test_fixed_batch_prefers_validation_data(tmp_path: Path) -> None:
+    monitor = ConvergenceMonitor(every_n_steps=0, max_samples=5, histograms=False)
+    trainer, _ = fit(PrototypicalNet([16, 8, 3]), [monitor], tmp_path, val=True)
+    assert monitor.batch_source == "val"
+    expected = trainer.val_dataloaders.dataset.tensors[0][:5]
+    torch.testing.assert_close(monitor._batch[0], expected, rtol=0, atol=0)
+    runs = read_runs(trainer.logger.log_dir)
+    assert set(runs) == {".", "relaxation/epoch_000"}
+    assert not any(tag.startswith("convergence/train/") for tag in runs["."].Tags()["scalars"])
+
+
+def test_conv_model_logs_feature_maps(tmp_path: Path) -> None:
+    monitor = ConvergenceMonitor(every_n_steps=0, feature_map_samples=2, max_samples=6)
+    trainer, _ = fit(TinyConvNet(), [monitor], tmp_path)
+    runs = read_runs(trainer.logger.log_dir)
+    images = runs["."].Tags()["images"]
+    assert "feature_maps/free/layer1" in images and "feature_maps/free/output" not in images
+    image = runs["."].Images("feature_maps/free/layer1")[-1]
+    assert image.height > 100 and image.width > 100
+    assert "saturation/free/layer1" in runs["."].Tags()["scalars"]
+
+
+# --- cost -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs", [dict(enabled=False), dict(every_n_steps=0, every_n_epochs=0)], ids=["disabled", "zero-frequencies"]
+)
+def test_disabled_monitor_adds_no_relaxation(tmp_path: Path, kwargs: dict) -> None:
+    _, baseline = fit(CountingNet([16, 8, 3]), [], None)
+    trainer, module = fit(CountingNet([16, 8, 3]), [ConvergenceMonitor(**kwargs)], tmp_path)
+    assert module.model.calls == baseline.model.calls == 6 * (8 + 3)  # 6 batches × (T + K), nothing more
+    assert not os.path.exists(os.path.join(trainer.logger.log_dir, "relaxation"))
+    assert not any(t.startswith(("convergence", "saturation")) for t in read_runs(trainer.logger.log_dir)["."].Tags()["scalars"])
+    _, enabled = fit(CountingNet([16, 8, 3]), [ConvergenceMonitor(every_n_steps=0)], None)
+    assert enabled.model.calls == baseline.model.calls + (8 + 3)  # one epoch-end snapshot: T + K steps
+
+
+def test_monitor_does_not_change_training(tmp_path: Path) -> None:
+    """Same seed, with and without the monitor: identical weights (no RNG use, no gradient side effects)."""
+    torch.manual_seed(3)
+    _, plain = fit(PrototypicalNet([16, 8, 3]), [], None, epochs=2)
+    torch.manual_seed(3)
+    _, watched = fit(PrototypicalNet([16, 8, 3]), [ConvergenceMonitor(every_n_steps=2)], tmp_path, epochs=2)
+    assert not any(torch.equal(p, q) for p, q in zip(plain.parameters(), PrototypicalNet([16, 8, 3]).double().parameters()))
+    for p, q in zip(plain.parameters(), watched.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+# --- configuration ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field, value",
+    [("every_n_steps", -1), ("every_n_epochs", 1.5), ("max_samples", 0), ("tolerance", 0.0), ("tolerance", float("nan")),
+     ("warn_unconverged", 1.5), ("saturation_margin", 0.5), ("source", "test"), ("feature_map_channels", 0)],
+)
+def test_bad_arguments_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        ConvergenceMonitor(**{field: value})
+
+
+def test_module_without_energy_model_is_rejected() -> None:
+    class Plain(L.LightningModule):
+        pass
+
+    with pytest.raises(ValueError, match="EnergyModel"):
+        ConvergenceMonitor().setup(L.Trainer(logger=False), Plain(), "fit")
+    ConvergenceMonitor(enabled=False).setup(L.Trainer(logger=False), Plain(), "fit")  # off: no requirement
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_has_the_monitor_on(path: Path) -> None:
+    config = yaml.safe_load(path.read_text())
+    monitors = [c for c in config["trainer"].get("callbacks", []) if c["class_path"].endswith("ConvergenceMonitor")]
+    assert len(monitors) == 1, f"{path.name}: expected one ConvergenceMonitor in trainer.callbacks"
+    monitor = ConvergenceMonitor(**monitors[0].get("init_args", {}))
+    assert monitor.active
