@@ -1,4 +1,4 @@
-"""LightningCLI entry point: ``python train.py fit|validate|test|predict --config configs/….yaml``."""
+"""LightningCLI entry point: ``python train.py fit|validate|test|predict|gdu --config configs/….yaml``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ep_lightning.data import MNISTDataModule
+from ep_lightning.trainer import EPTrainer
 
 #: Default intra-op threads on CPU. Relaxation of small batches is a chain of small matrix products: on the
 #: 2-core CI machine kind two OpenMP threads ran EP up to 10× slower than one under load (benchmarks/threads.py).
@@ -44,6 +45,11 @@ class EPLightningCLI(LightningCLI):
             help="After `fit`, run `test` on the final weights and print test accuracy.",
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus ``gdu`` (``EPTrainer.gdu``: EP updates against BPTT gradients, step by step)."""
+        return {**LightningCLI.subcommands(), "gdu": {"model", "dataloaders", "datamodule"}}
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         configure_threads(config.get("threads"))
@@ -59,6 +65,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
     return EPLightningCLI(
         L.LightningModule,
         MNISTDataModule,
+        trainer_class=EPTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

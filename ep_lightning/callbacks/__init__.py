@@ -1,5 +1,6 @@
 """Callbacks: what a researcher sees in TensorBoard."""
 
 from ep_lightning.callbacks.convergence import ConvergenceMonitor
+from ep_lightning.callbacks.gdu import GDUMonitor
 
-__all__ = ["ConvergenceMonitor"]
+__all__ = ["ConvergenceMonitor", "GDUMonitor"]
