@@ -3,3 +3,7 @@
 from ep_lightning.systems.equilibrium import EquilibriumModule
 
 __all__ = ["EquilibriumModule"]
+
+from ep_lightning.systems.initialized import InitializedEP, InitializerDistillation  # noqa: E402
+
+__all__ += ["InitializedEP", "InitializerDistillation"]
