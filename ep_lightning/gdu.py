@@ -316,9 +316,9 @@ def gdu_curves_figure(result: GDUResult, units: int = 5, seed: int = 0, weights_
                 ax.axis("off")
                 continue
             kind, name, ep, bp = panels[col]
+            ep, bp = ep.detach().double().cpu(), bp.detach().double().cpu()
             idx = _sample_units(ep, bp, units, generator)
-            e = ep.reshape(result.K, -1)[:, idx].double().cpu()
-            b = bp.reshape(result.K, -1)[:, idx].double().cpu()
+            e, b = ep.reshape(result.K, -1)[:, idx], bp.reshape(result.K, -1)[:, idx]
             for j in range(idx.numel()):
                 (line,) = ax.plot(t, e[:, j], "-", lw=1.5)
                 ax.plot(t, b[:, j], "--", lw=1.5, color=line.get_color())
