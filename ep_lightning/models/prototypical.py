@@ -65,6 +65,7 @@ class PrototypicalNet(EnergyModel):
         self.sigma, _ = get_activation(activation)
         self.fused = get_fused_activation(activation)
         self.dt = float(dt)
+        self.nudge_scale = self.dt  # the nudge enters the leaky update as dt·β(y − s_out)
         self.num_classes = layers[-1]
         self.synapses = nn.ModuleList(nn.Linear(layers[n], layers[n + 1]) for n in range(len(layers) - 1))
 
