@@ -206,6 +206,29 @@ def test_measurement_helpers() -> None:
     assert saturation_fraction(torch.tensor([-1.0, 0.0, 0.99]), (-1.0, 1.0), 0.01) == pytest.approx(2 / 3)
 
 
+def test_snapshot_uses_the_modules_start_state_and_drive() -> None:
+    """Systems that start elsewhere (Initialized EP: s^f, anchored drive) are relaxed the way they train."""
+
+    class Shifted(EquilibriumModule):
+        def initial_state(self, x: Tensor) -> State:
+            return tuple(s + 0.3 for s in self.model.init_state(x))
+
+        def negative_drive(self, x: Tensor, anchor: State) -> Tensor:
+            return self.model.drive(x * 0.5)
+
+    torch.manual_seed(0)
+    net = PrototypicalNet([5, 4, 3]).double()
+    module = Shifted(net, T=3, K=2, beta=0.5)
+    x = torch.rand(4, 5, dtype=torch.float64)
+    snap = ConvergenceMonitor().snapshot(module, x, torch.zeros(4, dtype=torch.long))
+    with torch.no_grad():
+        start = tuple(s + 0.3 for s in net.init_state(x))
+        first = net.step(start, net.drive(x * 0.5))
+    expected = torch.stack([(a - b).norm(dim=1) for a, b in zip(first, start)]).mean(1)
+    torch.testing.assert_close(snap.free.residuals[0], expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(snap.free.outputs[0], start[-1][:3], rtol=0, atol=0)
+
+
 # --- TensorBoard output -----------------------------------------------------------------------------------------
 def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
     monitor = ConvergenceMonitor(every_n_steps=4, every_n_epochs=1, max_samples=10, trajectory_samples=2)
@@ -312,7 +335,7 @@ def test_monitor_does_not_change_training(tmp_path: Path) -> None:
     torch.manual_seed(3)
     _, plain = fit(PrototypicalNet([16, 8, 3]), [], None, epochs=2)
     torch.manual_seed(3)
-    _, watched = fit(PrototypicalNet([16, 8, 3]), [ConvergenceMonitor(every_n_steps=2)], tmp_path, epochs=2)
+    _, watched = fit(PrototypicalNet([16, 8, 3]), [ConvergenceMonitor(every_n_steps=5)], tmp_path, epochs=2)
     assert not any(torch.equal(p, q) for p, q in zip(plain.parameters(), PrototypicalNet([16, 8, 3]).double().parameters()))
     for p, q in zip(plain.parameters(), watched.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -121,15 +121,16 @@ def _record(trace: RelaxationTrace, state: State, tolerance: float) -> PhaseReco
 class ConvergenceMonitor(L.Callback):
     """Logs the convergence of the free phase and the motion of the nudged phase to TensorBoard (see module doc).
 
-    Works with any LightningModule that has ``model`` (an ``EnergyModel``) and the ints ``T`` (free steps), and for
-    the nudged phase ``K`` and ``beta`` (``EquilibriumModule`` has them). Relaxations run under ``no_grad`` and do
-    not touch parameters, gradients, optimizer state or random number generators.
+    Works with any LightningModule that has ``model`` (an ``EnergyModel``) and the int ``T`` (free steps), and for
+    the nudged phase ``K`` (or ``T_plus``) and ``beta`` (``EquilibriumModule`` and ``InitializedEP`` have them; see
+    ``snapshot`` for the start state and drive). Relaxations run under ``no_grad`` and do not touch parameters,
+    gradients, optimizer state or random number generators.
     """
 
     def __init__(
         self,
         enabled: bool = True,
-        every_n_steps: int = 500,
+        every_n_steps: int = 1000,
         every_n_epochs: int = 1,
         max_samples: int = 100,
         tolerance: float = 1e-4,
@@ -279,15 +280,23 @@ class ConvergenceMonitor(L.Callback):
 
     # --- measurement --------------------------------------------------------------------------------------------
     def snapshot(self, pl_module: L.LightningModule, x: Tensor, labels: Tensor) -> Snapshot:
-        """Relax the free phase (T steps from ``init_state``) and the nudged phase (K steps, β) with traces."""
+        """Relax the free phase (T steps) and the nudged phase (K steps at β, from s*) with traces.
+
+        The phases are the module's: the start state is ``pl_module.initial_state(x)`` and the drive
+        ``pl_module.negative_drive(x, start)`` when the module defines them (Initialized EP: s^f and the anchored
+        E^λ), else ``model.init_state(x)`` and ``model.drive(x)``; K is ``pl_module.K`` (or ``T_plus``).
+        """
         model: EnergyModel = pl_module.model
         beta = float(getattr(pl_module, "beta", 0.0) or 0.0)
-        K = int(getattr(pl_module, "K", 0) or 0)
+        K = int(getattr(pl_module, "K", None) or getattr(pl_module, "T_plus", 0) or 0)
         keep = self.trajectory_samples
+        initial_state = getattr(pl_module, "initial_state", None)
+        negative_drive = getattr(pl_module, "negative_drive", None)
         with torch.no_grad():
-            drive = model.drive(x)
+            start = initial_state(x) if callable(initial_state) else model.init_state(x)
+            drive = negative_drive(x, start) if callable(negative_drive) else model.drive(x)
             free_trace = RelaxationTrace(x=x, model=model, keep_outputs=keep)
-            free = relax(model, drive, model.init_state(x), pl_module.T, trace=free_trace)
+            free = relax(model, drive, start, pl_module.T, trace=free_trace)
             nudged_record = None
             if beta != 0.0 and K > 0:
                 target = model.encode_target(labels, x)
@@ -501,7 +510,7 @@ def relaxation_figure(snap: Snapshot, tolerance: float) -> np.ndarray:
     ax_res.legend(fontsize=7, ncol=2)
     ax_phi.set(xlabel="relaxation step t", ylabel="Φ (or −E), batch mean")
     ax_phi.legend(fontsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.94, bottom=0.08, hspace=0.06)  # tight_layout would draw twice
     return _render(fig)
 
 
@@ -528,7 +537,7 @@ def trajectory_figure(snap: Snapshot) -> np.ndarray:
         ax.set(title=f"sample {i}: label {int(labels[i])}, predicted {int(predicted[i])}", xlabel="relaxation step t")
     axes[0].set_ylabel("output unit state")
     axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.9, top=0.88, bottom=0.15, wspace=0.08)
     return _render(fig)
 
 
