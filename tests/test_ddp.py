@@ -31,6 +31,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import ddp_helpers as H
 import lightning as L
 import pytest
 import torch
@@ -38,7 +39,6 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.multiprocessing.spawn import ProcessExitedException
 from torch.utils.data import DataLoader
 
-import ddp_helpers as H
 from ep_lightning.systems import EquilibriumModule
 
 pytestmark = pytest.mark.ddp
@@ -47,9 +47,9 @@ WORLD, BATCH, STEPS = 2, 4, 3
 N = WORLD * BATCH * STEPS  # one epoch of STEPS global batches of WORLD·BATCH samples
 #: Tolerance of "DDP == single process" (float64, weights of size 0.1–1). The two runs differ only in rounding:
 #: per-rank means averaged by the all-reduce against one mean over 2B samples, and BLAS blocking for batches of
-#: B against 2B rows. Each step's update then differs by a few ulps (measured ≤ 2e-15 after 3 steps, contracting
-#: dynamics do not amplify it); 1e-10 leaves 5 orders of margin and is 7 orders below what the negative controls
-#: produce (≥ 1e-3: one rank's samples missing from the update).
+#: B against 2B rows. Each step's update then differs by a few ulps (measured ≤ 1.8e-15 over all cases after 3
+#: steps; contracting dynamics do not amplify it); 1e-10 leaves 5 orders of margin and is 9 orders below what the
+#: negative controls produce (0.2–0.3: one rank's samples missing from the update, or the wrong β sign).
 ATOL = 1e-10
 #: A parameter counts as trained if it moved by more than this (updates are lr·|Δθ| ≈ 1e-3 to 1e-1 here).
 MOVED = 1e-6
@@ -100,7 +100,7 @@ def run_ddp_and_reference(
     strategy = DDPStrategy(start_method=start_method, timeout=TIMEOUT)
     fit(module, strategy, WORLD, tmp_path / "ddp", DataLoader(dataset, batch_size=BATCH))
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(WORLD)]
-    global_batches = [sum(batches, []) for batches in zip(*(r["sample_ids"] for r in ranks))]
+    global_batches = [[i for b in batches for i in b] for batches in zip(*(r["sample_ids"] for r in ranks))]
     fit(reference, "auto", 1, tmp_path / "ref", DataLoader(dataset, batch_sampler=global_batches))
     return ranks, torch.load(tmp_path / "ref" / "rank0.pt"), initial
 
@@ -124,7 +124,7 @@ def assert_ddp_equals_reference(ranks: list[dict], reference: dict, initial: dic
             # Bitwise: every rank applies the same all-reduced gradient to the same broadcast initial weights.
             assert torch.equal(ranks[r]["weights"][name], rank0[name]), f"{name}: rank {r} differs from rank 0"
         assert (ref - initial[name]).abs().max() > MOVED, f"{name} was not trained: left out of the update?"
-        torch.testing.assert_close(rank0[name], ref, rtol=0.0, atol=ATOL, msg=lambda m: f"{name}: DDP ≠ 1 process: {m}")
+        torch.testing.assert_close(rank0[name], ref, rtol=0.0, atol=ATOL, msg=lambda m, name=name: f"{name}: DDP ≠ 1 process: {m}")
 
 
 IEP = pytest.mark.skipif(not IEP_AVAILABLE, reason="ep_lightning.systems.initialized missing")
@@ -189,7 +189,7 @@ def test_negative_control_rank_dependent_beta_sign_is_detected(tmp_path: Path) -
     gradients), but the run no longer equals one process on the full batch; the IEP case above would fail."""
     module = make_system("iep", "eb", cls=H.RankDependentSignIEP)
     ranks, reference, _ = run_ddp_and_reference(module, "fork", tmp_path)
-    for name, ref in reference["weights"].items():
+    for name in reference["weights"]:
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
     worst = max((ranks[0]["weights"][k] - ref).abs().max().item() for k, ref in reference["weights"].items())
     assert worst > 1e-6, f"a rank-dependent β sign went unnoticed (largest difference {worst:.1e})"
@@ -222,3 +222,31 @@ def test_train_py_with_ddp_config_runs_two_processes(repo_root: Path, tmp_path: 
     assert writers == {process.pid}, f"TensorBoard files written by processes {writers}, rank 0 is {process.pid}"
     assert (runs[0] / "config.yaml").is_file()
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file(), "rank 0 writes the checkpoint"
+
+
+MODEL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "mnist").glob("*.yaml"))
+TRAINER_CONFIGS = [("ddp.yaml", "popen", MODEL_CONFIGS), ("ddp_spawn.yaml", "spawn", MODEL_CONFIGS[:1])]
+
+
+@pytest.mark.parametrize(
+    ("trainer_config", "start_method", "model_config"),
+    [(t, s, m) for t, s, models in TRAINER_CONFIGS for m in models],
+    ids=lambda v: v.stem if isinstance(v, Path) else str(v),
+)
+def test_trainer_config_composes_with_every_model_config(
+    trainer_config: str, start_method: str, model_config: Path, repo_root: Path
+) -> None:
+    """``--config <model> --config configs/trainer/<ddp>.yaml`` builds a 2-process DDPStrategy with
+    ``find_unused_parameters`` off (every parameter must receive its gradient through manual_backward)."""
+    from ep_lightning.cli import cli_main
+
+    cli = cli_main(
+        ["--config", str(model_config), "--config", str(repo_root / "configs" / "trainer" / trainer_config),
+         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.logger", "false"],
+        run=False,
+    )
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, DDPStrategy) and cli.trainer.world_size == 2
+    assert strategy._start_method == start_method
+    assert not strategy._ddp_kwargs.get("find_unused_parameters", False)
+    assert cli.trainer._accelerator_connector.use_distributed_sampler
