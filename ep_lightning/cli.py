@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from ep_lightning.callbacks.divergence import DivergenceError
 from ep_lightning.data import MNISTDataModule
 from ep_lightning.trainer import EPTrainer
+from ep_lightning.validation import user_error
 
 #: Default intra-op threads on CPU. Relaxation of small batches is a chain of small matrix products: on the
 #: 2-core CI machine kind two OpenMP threads ran EP up to 10× slower than one under load (benchmarks/threads.py).
@@ -61,16 +64,28 @@ class EPLightningCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
-    """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (used by tests)."""
-    return EPLightningCLI(
-        L.LightningModule,
-        MNISTDataModule,
-        trainer_class=EPTrainer,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (used by tests).
+
+    A bad configuration or data file (or a diverged run) is reported as one line ``error: <message>`` on stderr with
+    exit status 2 (1 for divergence) instead of a traceback through jsonargparse and Lightning; set
+    ``EP_LIGHTNING_TRACEBACK=1`` to see the full traceback.
+    """
+    try:
+        return EPLightningCLI(
+            L.LightningModule,
+            MNISTDataModule,
+            trainer_class=EPTrainer,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+    except Exception as err:  # reliability: one clear line for errors written for the user (validation.py)
+        cause = user_error(err)
+        if cause is None or os.environ.get("EP_LIGHTNING_TRACEBACK") == "1":
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(cause, DivergenceError) else 2) from cause

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 #: MD5 of the *uncompressed* official MNIST files (LeCun, Cortes, Burges).
 MNIST_MD5 = {
@@ -120,6 +121,74 @@ def to_float_images(images: Tensor) -> Tensor:
     return (images.to(torch.float32) / 255.0).unsqueeze(1)
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles ``range(n)`` with a permutation fixed by (``seed``, epoch) and can resume in the middle of an epoch.
+
+    Lightning calls ``set_epoch(e)`` before every epoch. ``state_dict``/``load_state_dict`` carry the seed, the
+    epoch and the number of samples already consumed, so a resumed run sees exactly the rest of the same epoch
+    (with a plain RandomSampler it would start a fresh random permutation).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = int(n), int(seed)
+        self.epoch = 0
+        self.start = 0  # samples of the current epoch to skip on the next __iter__ (set by load_state_dict)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.start = int(epoch), 0
+
+    def permutation(self) -> Tensor:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return torch.randperm(self.n, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        yield from self.permutation()[start:].tolist()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def state_dict(self, samples_done: int) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "samples_done": int(samples_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self.start = min(int(state["samples_done"]), self.n)
+
+
+class ResumableDataLoader(DataLoader):
+    """DataLoader over an :class:`EpochShuffleSampler` that Lightning saves in checkpoints (its ``_Stateful``
+    protocol), so ``--ckpt_path last`` resumes mid-epoch on exactly the batches an uninterrupted run would see.
+
+    ``batches_done`` returns how many batches of the current epoch the trainer has finished (Lightning prefetches
+    one batch ahead, so the loader's own count would be one too many); without it, yielded batches are counted.
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        assert isinstance(self.sampler, EpochShuffleSampler)
+        done = self.batches_done() if self.batches_done is not None else None
+        samples = self.sampler.n if done is None else min(done * int(self.batch_size or 1), self.sampler.n)
+        return self.sampler.state_dict(samples)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        assert isinstance(self.sampler, EpochShuffleSampler)
+        self.sampler.load_state_dict(state)
+
+
+def shuffle_seed() -> int:
+    """Seed of the training order: the run seed ($PL_GLOBAL_SEED, set by ``seed_everything``), so the order does
+    not depend on how many random numbers the model's initialisation drew; a fresh random seed without one."""
+    env = os.environ.get("PL_GLOBAL_SEED", "")
+    if env.lstrip("-").isdigit():
+        return int(env)
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
 class MNISTDataModule(L.LightningDataModule):
     """MNIST from IDX files, offline, with a seeded validation split and optional device-resident tensors.
 
@@ -172,6 +241,9 @@ class MNISTDataModule(L.LightningDataModule):
         self.train_set: TensorPairDataset | None = None
         self.val_set: TensorPairDataset | None = None
         self.test_set: TensorPairDataset | None = None
+        #: per-sample image shape (C, H, W) and number of classes, known after ``setup`` (checked against the model)
+        self.input_shape: tuple[int, ...] | None = None
+        self.num_classes: int | None = None
 
     # --- Lightning hooks -------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -204,7 +276,24 @@ class MNISTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:  # Lightning installs a DistributedSampler (epoch-seeded)
+            return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        on_device = self.train_set.labels.device.type != "cpu"
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            sampler=EpochShuffleSampler(len(self.train_set), shuffle_seed()),
+            collate_fn=keep_batch,
+            num_workers=0 if on_device else self.hparams.num_workers,
+            persistent_workers=bool(self.hparams.num_workers) and not on_device,
+            batches_done=self._train_batches_done,
+        )
+
+    def _train_batches_done(self) -> int | None:
+        """Training batches the trainer has finished in the current epoch (saved with the loader's state)."""
+        trainer = self.trainer
+        return None if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
@@ -232,6 +321,8 @@ class MNISTDataModule(L.LightningDataModule):
                 f"{self.raw_dir}: {split} images have shape {tuple(images.shape)} and labels {tuple(labels.shape)}; "
                 f"expected (N, H, W) images and N labels"
             )
+        self.input_shape = (1, *images.shape[1:])
+        self.num_classes = int(labels.max()) + 1 if labels.numel() else None
         return images, labels
 
     @staticmethod

@@ -11,8 +11,11 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from ep_lightning.algorithms import bptt_loss, ep_surrogate
+from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
 from ep_lightning.dynamics import RelaxationTrace, relax
 from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.resume import catch_up_epoch_schedulers
+from ep_lightning.validation import check_module_fits_datamodule
 
 
 def sgd(params: Any) -> torch.optim.Optimizer:
@@ -76,8 +79,8 @@ class EquilibriumModule(L.LightningModule):
             raise ValueError(f"model.K={self.K} is invalid: the nudged phase / BPTT truncation needs at least 1 step")
         if self.K > self.T:
             raise ValueError(f"model.K={self.K} > model.T={self.T}: K must not exceed T (BPTT truncates the last K of T steps)")
-        if self.algorithm == "ep" and not self.beta > 0:
-            raise ValueError(f"model.beta={self.beta} is invalid for EP: β must be > 0 (e.g. 0.1 to 0.5)")
+        if self.algorithm == "ep" and not 0 < self.beta < float("inf"):
+            raise ValueError(f"model.beta={self.beta} is invalid for EP: β must be finite and > 0 (e.g. 0.1 to 0.5)")
         if self.eval_steps < 1:
             raise ValueError(f"model.eval_steps={self.eval_steps} is invalid: use at least 1 step (or null for T)")
         groups = self.model.parameter_groups()
@@ -87,8 +90,18 @@ class EquilibriumModule(L.LightningModule):
                     f"model.lrs={self.lrs} has {len(self.lrs)} entries but the model has {len(groups)} layer groups "
                     f"(input → output); give one learning rate per group"
                 )
-            if any(not lr >= 0 for lr in self.lrs):
-                raise ValueError(f"model.lrs={self.lrs} is invalid: learning rates must be ≥ 0")
+            if any(not 0 <= lr < float("inf") for lr in self.lrs):
+                raise ValueError(f"model.lrs={self.lrs} is invalid: learning rates must be finite and ≥ 0")
+
+    # --- reliability: model/data mismatch at start-up, NaN/Inf guard (ep_lightning/callbacks/divergence.py) -----
+    def setup(self, stage: str) -> None:
+        check_module_fits_datamodule(self)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return default_callbacks(self)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        catch_up_epoch_schedulers(self)  # exact resume from a checkpoint taken at an epoch's last batch
 
     # --- optimization ----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -132,12 +145,16 @@ class EquilibriumModule(L.LightningModule):
             update_loss = ep_surrogate(self.model, x, free, nudged, self.beta)
             output = self.model.output(free)
             loss = self.model.cost(free, target).mean()
+            phases = {"free": free, "nudged": nudged}
         else:
             _, final = self.bptt_forward(x)
             update_loss = bptt_loss(self.model, final, target)
             output = self.model.output(final).detach()
             loss = update_loss.detach()
+            phases = {"free": final}
         self.manual_backward(update_loss)
+        if not check_training_step(self, batch_idx, phases):  # NaN/Inf: raises, or skips the batch (DivergenceGuard)
+            return loss
         optimizer.step()
         self.train_acc(output.argmax(dim=1), labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)

@@ -1,0 +1,115 @@
+"""Start-up checks that reject a wrong configuration before any training step, and the CLI's clean error report.
+
+Every check raises :class:`ConfigError` (a ``ValueError``) with one message naming the field, the value and what is
+allowed. :func:`user_error` finds such an error inside the exception chain that LightningCLI/jsonargparse wrap
+around it, so ``train.py`` can print one line instead of a 40-line traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+#: Folder of this package: a ValueError raised by code in here is a message written for the user.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or does not fit the data; the message names the field, value and fix."""
+
+
+def model_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """Per-sample input shape the network expects: ``(n_in,)`` for layered nets (any input flattened to n_in values),
+    ``(C, H, W)`` for convolutional ones; ``None`` when the model does not say."""
+    if hasattr(model, "input_channels") and hasattr(model, "input_size"):
+        return (int(model.input_channels), int(model.input_size), int(model.input_size))
+    layers = getattr(model, "layers", None)
+    if layers:
+        return (int(layers[0]),)
+    return None
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 0
+
+
+def check_model_fits_data(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Raise a ConfigError if the network's input size or output size does not match the data.
+
+    Layered nets flatten the image, so their first layer must have C·H·W units; conv nets need (C, H, W) exactly;
+    the output layer needs one unit per class.
+    """
+    expected = model_input_shape(model)
+    data_desc = "×".join(map(str, input_shape)) + f" = {_prod(tuple(input_shape))} values"
+    name = type(model).__name__
+    if expected is not None:
+        if len(expected) == 1 and expected[0] != _prod(tuple(input_shape)):
+            raise ConfigError(
+                f"{name} layers[0]={expected[0]} (model.init_args.model.init_args.layers) does not match the data: "
+                f"each image is {data_desc}; the input layer must have {_prod(tuple(input_shape))} units"
+            )
+        if len(expected) == 3 and tuple(expected) != tuple(input_shape):
+            raise ConfigError(
+                f"{name} expects inputs of input_channels×input_size×input_size = {'×'.join(map(str, expected))} "
+                f"(model.init_args.model.init_args.input_channels / input_size) but each image is {data_desc}; "
+                f"set input_channels={input_shape[0]} and input_size={input_shape[-1]}"
+            )
+    model_classes = getattr(model, "num_classes", None)
+    if model_classes is not None and int(model_classes) != int(num_classes):
+        field = "num_classes" if hasattr(model, "input_channels") else "layers[-1]"
+        raise ConfigError(
+            f"{name} {field}={model_classes} (the output layer) does not match the data, which has {num_classes} "
+            f"classes (labels 0…{num_classes - 1}); the output layer must have {num_classes} units"
+        )
+
+
+def check_module_fits_datamodule(module: Any) -> None:
+    """Lightning ``setup`` helper: compare ``module.model`` with ``trainer.datamodule.input_shape``/``num_classes``.
+
+    Does nothing without a trainer, a datamodule or those attributes (e.g. plain dataloaders passed to ``fit``).
+    """
+    trainer = getattr(module, "_trainer", None)
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    input_shape = getattr(datamodule, "input_shape", None)
+    num_classes = getattr(datamodule, "num_classes", None)
+    if input_shape is None or num_classes is None:
+        return
+    check_model_fits_data(module.model, tuple(input_shape), int(num_classes))
+
+
+def _raised_in_package(err: BaseException) -> bool:
+    """True if the innermost frame of ``err``'s traceback lies in ep_lightning (our own message, not torch's)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    try:
+        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The exception in ``err``'s chain (``__cause__``/``__context__``) that was written for the user, if any.
+
+    That is a :class:`ConfigError`, a data-file error, a divergence error, or a ``ValueError`` raised directly by
+    ep_lightning code (the checks in ``__init__`` methods). Errors from deep inside torch or Lightning are not
+    (their traceback is what a developer needs), so this returns ``None`` for them.
+    """
+    from ep_lightning.callbacks.divergence import DivergenceError  # noqa: PLC0415 (avoid an import cycle)
+    from ep_lightning.data import DataFileError  # noqa: PLC0415
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConfigError, DataFileError, DivergenceError)):
+            return current
+        if type(current) is ValueError and _raised_in_package(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
