@@ -18,7 +18,7 @@ from ep_lightning.cli import cli_main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "mnist").glob("*.yaml"))
 #: Overrides of the system's relaxation lengths, applied only to keys the config sets (other systems may differ).
-SHORT = {"T": "3", "K": "2", "eval_steps": "3"}
+SHORT = {"T": "3", "K": "2", "eval_steps": "3", "T_minus": "3", "T_plus": "2"}
 
 
 def test_configs_exist() -> None:
@@ -54,8 +54,8 @@ def test_trains_two_batches(config: Path, tmp_path: Path) -> None:
             *overrides,
             "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "2",
-            "--trainer.limit_val_batches", "1",
-            "--trainer.limit_test_batches", "1",
+            "--trainer.limit_val_batches", "2",  # "1" would parse as the float 1.0 = all batches
+            "--trainer.limit_test_batches", "2",
             "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false",
@@ -64,6 +64,7 @@ def test_trains_two_batches(config: Path, tmp_path: Path) -> None:
             "--data.data_dir", str(ROOT / "data"),
             "--data.train_subset", "40",
             "--data.test_subset", "40",
+            "--data.eval_batch_size", "40",
             "--threads", "1",
             "--test_after_fit", "false",
         ]
