@@ -100,8 +100,8 @@ def user_error(err: BaseException) -> BaseException | None:
     ep_lightning code (the checks in ``__init__`` methods). Errors from deep inside torch or Lightning are not
     (their traceback is what a developer needs), so this returns ``None`` for them.
     """
-    from ep_lightning.callbacks.divergence import DivergenceError  # noqa: PLC0415 (avoid an import cycle)
-    from ep_lightning.data import DataFileError  # noqa: PLC0415
+    from ep_lightning.callbacks.divergence import DivergenceError  # here: avoids an import cycle
+    from ep_lightning.data import DataFileError
 
     seen: set[int] = set()
     current: BaseException | None = err

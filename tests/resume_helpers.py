@@ -30,7 +30,9 @@ class SaveFinalWeights(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         optimizers = [opt.state_dict() for opt in trainer.optimizers]
         schedulers = [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs]
-        torch.save({"state_dict": pl_module.state_dict(), "optimizers": optimizers, "schedulers": schedulers}, self.path)
+        torch.save(
+            {"state_dict": pl_module.state_dict(), "optimizers": optimizers, "schedulers": schedulers}, self.path
+        )
 
 
 class RecordBatches(L.Callback):
@@ -39,6 +41,8 @@ class RecordBatches(L.Callback):
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         with open(self.path, "a") as f:
             f.write(f"{trainer.global_step} {trainer.current_epoch} {batch_idx} {batch[1].tolist()}\n")

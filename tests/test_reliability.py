@@ -444,15 +444,24 @@ def _save_as_if_on_cuda(src: Path, dst: Path) -> None:
         torch.serialization.location_tag = original  # type: ignore[assignment]
 
 
-@pytest.mark.parametrize("net", ["P", "EB"])
+SMALL_SYSTEMS = {
+    "P": (P1H, ["--model.init_args.T", "4", "--model.init_args.K", "2"]),
+    "EB": (EB1H, ["--model.init_args.T", "4", "--model.init_args.K", "2"]),
+    "IEP": (str(ROOT / "configs" / "mnist" / "iep_1h.yaml"),
+            ["--model.init_args.T_minus", "4", "--model.init_args.T_plus", "2",
+             "--model.init_args.initializer.init_args.layers", "[784,16,10]"]),
+}
+
+
+@pytest.mark.parametrize("net", sorted(SMALL_SYSTEMS))
 def test_checkpoint_loads_for_validate_test_predict_on_cpu_even_if_saved_on_gpu(
     net: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = P1H if net == "P" else EB1H
+    config, system_args = SMALL_SYSTEMS[net]
     common = ["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.callbacks", "[]", "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last", "true",
               "--data.data_dir", DATA, "--data.val_size", "100", "--data.train_subset", "100", "--data.test_subset", "60",
-              "--model.init_args.model.init_args.layers", "[784,16,10]", "--model.init_args.T", "4",
-              "--model.init_args.K", "2"]
+              "--model.init_args.model.init_args.layers", "[784,16,10]", *system_args]
     fit = cli_main(["fit", *common, "--trainer.max_epochs", "1", "--test_after_fit", "false",
                     "--trainer.default_root_dir", str(tmp_path / "fit")])
     trained = {k: v.clone() for k, v in fit.model.state_dict().items()}
@@ -477,6 +486,7 @@ def test_checkpoint_loads_for_validate_test_predict_on_cpu_even_if_saved_on_gpu(
         predict = cli_main(["predict", *args])
         predictions = torch.cat(predict.trainer.predict_loop.predictions)
         assert torch.equal(predictions, expected_predictions)
-    network = PrototypicalNet([784, 16, 10]) if net == "P" else EnergyBasedNet([784, 16, 10])
-    module = EquilibriumModule.load_from_checkpoint(gpu_ckpt, model=network)  # Lightning's default: storages to CPU
-    assert all(torch.equal(module.state_dict()[k], trained[k]) for k in trained)
+    if net != "IEP":
+        network = PrototypicalNet([784, 16, 10]) if net == "P" else EnergyBasedNet([784, 16, 10])
+        module = EquilibriumModule.load_from_checkpoint(gpu_ckpt, model=network)  # Lightning's default: to CPU
+        assert all(torch.equal(module.state_dict()[k], trained[k]) for k in trained)

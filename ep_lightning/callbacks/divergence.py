@@ -16,7 +16,8 @@ still raise.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -142,7 +143,9 @@ class DivergenceGuard(L.Callback):
             else "Weights are not finite: this state is not checkpointed; the last good checkpoint is kept."
         )
         hint = (
-            "" if self.action == "skip" else " To drop such batches instead, add the callback "
+            ""
+            if self.action == "skip"
+            else " To drop such batches instead, add the callback "
             "ep_lightning.callbacks.DivergenceGuard with action: skip."
         )
         if self.action == "skip" and not weights_bad:
