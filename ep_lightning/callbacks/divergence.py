@@ -83,23 +83,24 @@ class DivergenceGuard(L.Callback):
         self._consecutive = 0
 
     # --- the per-step check ----------------------------------------------------------------------------------
-    def check(
-        self, module: Any, batch_idx: int, phases: Mapping[str, Sequence[Tensor]], weights_only: bool = False
-    ) -> bool:
+    def check(self, module: Any, batch_idx: int, phases: Mapping[str, Sequence[Tensor]]) -> bool:
         """True if the step may apply its update; False (skip mode) if the batch must be dropped; raises otherwise.
 
         ``phases`` maps a phase name (``free``, ``nudged``) to its state (layers input → output). Call it after
         ``manual_backward`` and before ``optimizer.step()``: the gradients are the update.
         """
         params = list(module.parameters())
-        tensors = params + [s for state in phases.values() for s in state]
-        if not weights_only:
-            tensors += [p.grad for p in params if p.grad is not None]
+        tensors = (
+            params + [s for state in phases.values() for s in state] + [p.grad for p in params if p.grad is not None]
+        )
         if bool(torch.isfinite(_finite_summary(tensors))):  # the one host sync per step
             self._consecutive = 0
             return True
-        named = self._named_tensors(module, phases, include_update=not weights_only)
+        named = self._named_tensors(module, phases)
         bad = [(phase, name, t) for phase, name, t in named if not bool(torch.isfinite(t.detach().sum()))]
+        if not bad:  # only the float32 total overflowed: every tensor is finite
+            self._consecutive = 0
+            return True
         weights_bad = any(phase == "weights" for phase, _, _ in bad)
         if self.action == "skip" and not weights_bad and self._consecutive < self.max_consecutive_skips - 1:
             self._consecutive += 1
@@ -108,9 +109,7 @@ class DivergenceGuard(L.Callback):
         raise DivergenceError(self._message(module, batch_idx, bad, weights_bad))
 
     @staticmethod
-    def _named_tensors(
-        module: Any, phases: Mapping[str, Sequence[Tensor]], include_update: bool
-    ) -> list[tuple[str, str, Tensor]]:
+    def _named_tensors(module: Any, phases: Mapping[str, Sequence[Tensor]]) -> list[tuple[str, str, Tensor]]:
         model = module.model
         names = model.state_names() if hasattr(model, "state_names") else []
         named: list[tuple[str, str, Tensor]] = []
@@ -119,8 +118,7 @@ class DivergenceGuard(L.Callback):
         for phase, state in phases.items():
             for i, s in enumerate(state):
                 named.append((phase, names[i] if i < len(names) else f"state[{i}]", s))
-        if include_update:
-            named += [("update", f"{n} (gradient)", p.grad) for n, p in params if p.grad is not None]
+        named += [("update", f"{n} (gradient)", p.grad) for n, p in params if p.grad is not None]
         return named
 
     def _message(self, module: Any, batch_idx: int, bad: list[tuple[str, str, Tensor]], weights_bad: bool) -> str:
