@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ep_lightning.algorithms import bptt_loss, ep_surrogate
@@ -66,8 +67,11 @@ class EquilibriumModule(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.eval_steps = int(eval_steps) if eval_steps is not None else self.T
         self._validate()
-        metric = lambda: MulticlassAccuracy(num_classes=model.num_classes, average="micro")  # noqa: E731
+        metric = lambda: MulticlassAccuracy(num_classes=model.num_classes, average="micro", validate_args=False)  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+        self.train_loss = MeanMetric()
+        #: Show the running training loss in the progress bar every N steps (logging per step is costly).
+        self.progress_every_n_steps = 50
 
     def _validate(self) -> None:
         """Reject inconsistent settings before any training step, naming the field and what is allowed."""
@@ -156,12 +160,17 @@ class EquilibriumModule(L.LightningModule):
         if not check_training_step(self, batch_idx, phases):  # NaN/Inf: raises, or skips the batch (DivergenceGuard)
             return loss
         optimizer.step()
-        self.train_acc(output.argmax(dim=1), labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        # Metrics accumulate on the device and are logged (and synced across ranks) once per epoch: a `self.log`
+        # per step costs more than the whole P-1h relaxation.
+        self.train_loss.update(loss, weight=x.shape[0])
+        self.train_acc.update(output.argmax(dim=1), labels)
+        if batch_idx % self.progress_every_n_steps == 0:
+            self.log("train/loss_step", loss, prog_bar=True, logger=False)
         return loss
 
     def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, prog_bar=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
