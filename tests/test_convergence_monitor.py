@@ -257,7 +257,8 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
         | {f"{kind}/synapses.{i}.{w}" for kind in ("weights", "ep_update") for i in (0, 1) for w in ("weight", "bias")}
     )
     T, K = module.T, module.K
-    curve_tags = {f"convergence/{p}/residual/{n}" for p in ("free", "nudged") for n in names}
+    curve_tags = {f"convergence/{p}/{kind}/{n}" for p in ("free", "nudged") for kind in ("residual", "log10_residual")
+                  for n in [*names, "whole_state"]}
     curve_tags |= {"convergence/free/phi", "convergence/nudged/phi"}
     for epoch in (0, 1):
         run = runs[f"relaxation/epoch_{epoch:03d}"]
@@ -273,6 +274,11 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
         relax(module.model, module.model.drive(x), module.model.init_state(x), T, trace=tr)
     logged = [e.value for e in runs["relaxation/epoch_001"].Scalars("convergence/free/residual/output")]
     torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), tr.residuals[:, 1], rtol=1e-6, atol=1e-12)  # float32 event values
+    logged = {e.step: e.value for e in runs["relaxation/epoch_001"].Scalars("convergence/free/log10_residual/whole_state")}
+    whole = tr.total_residuals.mean(1)
+    assert set(logged) == {t + 1 for t in range(T) if whole[t] > 0}
+    for t, value in logged.items():
+        assert value == pytest.approx(math.log10(whole[t - 1]), abs=1e-5)
 
     # EP-update histogram = (1/β) mean_i (o^β h^βᵀ − o* h*ᵀ) for W_1, computed independently from the states.
     net = module.model
@@ -289,7 +295,7 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
     layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
     all_tags = {t for acc in runs.values() for t in acc.Tags()["scalars"]}
     regexes = [r for cat in layout.category for chart in cat.chart for r in chart.multiline.tag]
-    assert len(layout.category) == 3 and len(regexes) == 2 * (len(names) + 1) + 4
+    assert len(layout.category) == 3 and len(regexes) == 2 * (len(names) + 2) + 4
     for regex in regexes:
         assert any(re.search(regex, t) for t in all_tags), regex
 

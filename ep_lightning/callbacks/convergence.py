@@ -10,8 +10,9 @@ What is logged (tags; ``{layer}`` is ``model.state_names()``: ``layer1`` … ``o
     ``convergence/{free,nudged}/steps_to_tol``, ``convergence/free/unconverged_frac``,
     ``convergence/{free,nudged}/final_residual/{layer}``, ``saturation/{free,nudged}/{layer}``;
   - curves against t, one TensorBoard run per epoch (``<version>/relaxation/epoch_NNN``):
-    ``convergence/{free,nudged}/residual/{layer}`` and ``convergence/{free,nudged}/phi``; the nudged phase is
-    numbered t = T+1 … T+K so that one chart shows the whole trajectory;
+    ``convergence/{free,nudged}/residual/{layer}``, the same as ``log10_residual`` (log scale in any chart), both
+    also for ``{layer} = whole_state``, and ``convergence/{free,nudged}/phi``; the nudged phase is numbered
+    t = T+1 … T+K so that one chart shows the whole trajectory;
   - figures: ``convergence/relaxation`` (residual per layer, log scale, and Φ against t),
     ``convergence/output_trajectory`` (the output units of a few samples against t: the nudge),
     ``feature_maps/free/{layer}`` (fixed-point feature maps, conv models only);
@@ -22,7 +23,7 @@ What is logged (tags; ``{layer}`` is ``model.state_names()``: ``layer1`` … ``o
   the same with a ``convergence/train/`` prefix: scalars ``convergence/train/{free,nudged}/steps_to_tol``,
   ``convergence/train/free/unconverged_frac``, ``convergence/train/{free,nudged}/final_residual/{layer}``,
   ``saturation/train/{free,nudged}/{layer}``; curves in runs ``<version>/relaxation/step_NNNNNNN``
-  (``convergence/train/{free,nudged}/residual/{layer}``, ``…/phi``); figures ``convergence/train/relaxation`` and
+  (``convergence/train/{free,nudged}/residual/{layer}``, ``…/log10_residual/{layer}``, ``…/phi``); figures ``convergence/train/relaxation`` and
   ``convergence/train/output_trajectory``.
 
 * A **custom-scalars layout** (TensorBoard's "Custom Scalars" tab) groups these charts, written once at fit start.
@@ -58,6 +59,9 @@ from ep_lightning.models.activations import ACTIVATION_BOUNDS
 from ep_lightning.models.base import EnergyModel, State
 
 log = logging.getLogger(__name__)
+
+#: Name used in tags for the residual of the whole state, r_t(i) = (Σ_l ‖s^l_t(i) − s^l_{t−1}(i)‖²)^½ (batch mean).
+WHOLE_STATE = "whole_state"
 
 
 # --- measurements (pure functions, tested on their own) ---------------------------------------------------------
@@ -345,8 +349,10 @@ class ConvergenceMonitor(L.Callback):
 
         def curves(prefix: str) -> dict[str, list[Any]]:
             charts = {
-                f"residual {name} (free, then nudged)": ["Multiline", [rf"^{prefix}(free|nudged)/residual/{name}$"]]
-                for name in names
+                f"log10 residual {name} (free, then nudged)": [
+                    "Multiline", [rf"^{prefix}(free|nudged)/log10_residual/{name}$"]
+                ]
+                for name in [*names, WHOLE_STATE]
             }
             charts["Φ (free, then nudged)"] = ["Multiline", [rf"^{prefix}(free|nudged)/phi$"]]
             return charts
@@ -376,9 +382,14 @@ class ConvergenceMonitor(L.Callback):
                 for phase, rec, offset in (("free", snap.free, 0), ("nudged", snap.nudged, T)):
                     if rec is None:
                         continue
+                    curves = {name: rec.residuals[:, layer] for layer, name in enumerate(snap.names)}
+                    curves[WHOLE_STATE] = rec.total
                     for t in range(rec.residuals.shape[0]):
-                        for layer, name in enumerate(snap.names):
-                            writer.add_scalar(f"{prefix}{phase}/residual/{name}", float(rec.residuals[t, layer]), offset + t + 1)
+                        for name, values in curves.items():
+                            value = float(values[t])
+                            writer.add_scalar(f"{prefix}{phase}/residual/{name}", value, offset + t + 1)
+                            if value > 0:  # an exact fixed point (residual 0) leaves a gap on the log axis
+                                writer.add_scalar(f"{prefix}{phase}/log10_residual/{name}", math.log10(value), offset + t + 1)
                         if rec.phi.numel():
                             writer.add_scalar(f"{prefix}{phase}/phi", float(rec.phi[t]), offset + t + 1)
             finally:
@@ -487,7 +498,7 @@ def relaxation_figure(snap: Snapshot, tolerance: float) -> np.ndarray:
     """Residual per layer (log scale) and Φ against t; the nudged phase follows the free one at t = T+1 … T+K."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 6), dpi=80)
+    fig = Figure(figsize=(10, 6), dpi=80)
     ax_res, ax_phi = fig.subplots(2, 1, sharex=True)
     T = snap.free.residuals.shape[0]
     colors = [f"C{i}" for i in range(len(snap.names))]
@@ -507,10 +518,10 @@ def relaxation_figure(snap: Snapshot, tolerance: float) -> np.ndarray:
     ax_res.set(ylabel="‖s_t − s_{t−1}‖ (batch mean)",
                title=f"free phase: {snap.free.steps_to_tol} steps to tolerance"
                + (f"; nudged phase (after the red line): {snap.nudged.steps_to_tol}" if snap.nudged else ""))
-    ax_res.legend(fontsize=7, ncol=2)
+    ax_res.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax_phi.set(xlabel="relaxation step t", ylabel="Φ (or −E), batch mean")
-    ax_phi.legend(fontsize=7)
-    fig.subplots_adjust(left=0.1, right=0.98, top=0.94, bottom=0.08, hspace=0.06)  # tight_layout would draw twice
+    ax_phi.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.subplots_adjust(left=0.09, right=0.8, top=0.94, bottom=0.08, hspace=0.06)  # tight_layout would draw twice
     return _render(fig)
 
 
@@ -531,13 +542,15 @@ def trajectory_figure(snap: Snapshot) -> np.ndarray:
         for unit in range(traj.shape[2]):
             target = unit == int(labels[i])
             ax.plot(t, traj[:, i, unit].double().numpy(), color=f"C{unit % 10}", lw=2.5 if target else 0.9,
-                    label=f"unit {unit}" + (" (target)" if target else ""))
+                    label=f"unit {unit}")
         if snap.nudged is not None:
             ax.axvline(T, color="red", lw=0.8, ls=":")
         ax.set(title=f"sample {i}: label {int(labels[i])}, predicted {int(predicted[i])}", xlabel="relaxation step t")
     axes[0].set_ylabel("output unit state")
+    fig.suptitle("output units against t (bold: the target unit" + ("; red line: nudge on)" if snap.nudged else ")"),
+                 fontsize=9)
     axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.subplots_adjust(left=0.06, right=0.9, top=0.88, bottom=0.15, wspace=0.08)
+    fig.subplots_adjust(left=0.06, right=0.9, top=0.8, bottom=0.15, wspace=0.08)
     return _render(fig)
 
 
