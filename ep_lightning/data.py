@@ -140,7 +140,9 @@ class EpochShuffleSampler(Sampler[int]):
             self.epoch, self.start = int(epoch), 0
 
     def permutation(self) -> Tensor:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        # seed + epoch, as Lightning's DistributedSampler: N processes × batch B/N then see the same global batches
+        # as one process with batch B.
+        generator = torch.Generator().manual_seed((self.seed + self.epoch) % 2**63)
         return torch.randperm(self.n, generator=generator)
 
     def __iter__(self) -> Iterator[int]:

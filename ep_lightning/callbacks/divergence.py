@@ -93,14 +93,21 @@ class DivergenceGuard(L.Callback):
         tensors = (
             params + [s for state in phases.values() for s in state] + [p.grad for p in params if p.grad is not None]
         )
-        if bool(torch.isfinite(_finite_summary(tensors))):  # the one host sync per step
+        finite = bool(torch.isfinite(_finite_summary(tensors)))  # the one host sync per step
+        trainer = getattr(module, "_trainer", None)
+        distributed = trainer is not None and trainer.world_size > 1
+        if distributed:  # all ranks must take the same decision, or skipping on one rank makes replicas drift
+            finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
+        if finite:
             self._consecutive = 0
             return True
         named = self._named_tensors(module, phases)
         bad = [(phase, name, t) for phase, name, t in named if not bool(torch.isfinite(t.detach().sum()))]
-        if not bad:  # only the float32 total overflowed: every tensor is finite
+        if not bad and not distributed:  # only the float32 total overflowed: every tensor is finite
             self._consecutive = 0
             return True
+        if not bad:  # another rank saw the non-finite values
+            bad = [("update", "(on another rank)", torch.tensor(float("nan")))]
         weights_bad = any(phase == "weights" for phase, _, _ in bad)
         if self.action == "skip" and not weights_bad and self._consecutive < self.max_consecutive_skips - 1:
             self._consecutive += 1
@@ -197,8 +204,7 @@ def check_training_step(module: Any, batch_idx: int, phases: Mapping[str, Sequen
     gradients are zeroed), DivergenceError to stop. See :class:`DivergenceGuard`."""
     ok = find_guard(module).check(module, batch_idx, phases)
     if not ok:
-        for p in module.parameters():
-            p.grad = None
+        module.zero_grad(set_to_none=True)
     return ok
 
 
