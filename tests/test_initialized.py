@@ -152,6 +152,16 @@ def test_beta_sign_is_seeded_and_restored_from_checkpoint() -> None:
     assert signs(_iep(random_sign=False), 5) == [0.5] * 5
 
 
+def test_beta_sign_generator_survives_pickling() -> None:
+    """ddp_spawn pickles the module into each worker: the copy must continue the same sign sequence."""
+    import pickle
+
+    module = _iep(seed=5)
+    module.draw_beta()
+    clone = pickle.loads(pickle.dumps(module))
+    assert [clone.draw_beta() for _ in range(30)] == [module.draw_beta() for _ in range(30)]
+
+
 def _fit_weights(seed: int, tmp_path: Path) -> dict[str, torch.Tensor]:
     L.seed_everything(seed, verbose=False)
     module = _iep(hidden=20, seed=None, T_minus=5, T_plus=2)

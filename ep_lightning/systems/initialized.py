@@ -203,6 +203,37 @@ class _InitializedBase(L.LightningModule):
         return [{"params": g, "lr": lr} for g, lr in zip(params, lrs)]
 
 
+class SignGenerator:
+    """The dedicated random source of the β sign: a ``torch.Generator`` that pickles its state as bytes.
+
+    A bare ``torch.Generator`` pickles its state as a tensor, which ``torch.multiprocessing`` (``ddp_spawn``) sends
+    through shared memory that is gone when the worker unpickles it; bytes travel safely. Seeded identically on
+    every rank and drawn once per training step, it gives every rank the same sign.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def draw(self) -> bool:
+        """One fair coin flip (True for +β)."""
+        return bool(torch.randint(0, 2, (1,), generator=self.generator))
+
+    def get_state(self) -> Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        self.generator.set_state(state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"seed": self.seed, "state": self.generator.get_state().numpy().tobytes()}
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        self.seed = data["seed"]
+        self.generator = torch.Generator()
+        self.generator.set_state(torch.frombuffer(bytearray(data["state"]), dtype=torch.uint8).clone())
+
+
 def _no_closure() -> None:
     """Manual optimization: gradients are already in place when the optimizer steps."""
 
@@ -295,7 +326,7 @@ class InitializedEP(_InitializedBase):
         if seed is None:
             env = os.environ.get("PL_GLOBAL_SEED", "0")
             seed = int(env) if env.lstrip("-").isdigit() else 0
-        self.sign_generator = torch.Generator().manual_seed(int(seed))
+        self.sign_generator = SignGenerator(int(seed))
 
     @property
     def T(self) -> int:  # noqa: N802
@@ -313,7 +344,7 @@ class InitializedEP(_InitializedBase):
         """±β_base: one draw of the dedicated generator per training step (+β_base if ``random_sign`` is off)."""
         if not self.random_sign:
             return self.beta
-        return self.beta if int(torch.randint(0, 2, (1,), generator=self.sign_generator)) else -self.beta
+        return self.beta if self.sign_generator.draw() else -self.beta
 
     def phases(self, x: Tensor, target: Tensor, beta: float, s_f: State | None = None) -> tuple[State, State, State]:
         """(s^f, s⁻, s⁺), all without graph: T⁻ steps on E^λ from s^f, then T⁺ nudged steps from s⁻.
