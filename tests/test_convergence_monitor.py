@@ -249,8 +249,7 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
     assert [e.step for e in runs["."].Scalars("convergence/free/steps_to_tol")] == [5, 11]
     assert [e.step for e in runs["."].Scalars("convergence/train/free/steps_to_tol")] == [0, 4, 8]
     assert set(main["images"]) == {
-        "convergence/relaxation", "convergence/output_trajectory",
-        "convergence/train/relaxation", "convergence/train/output_trajectory",
+        "convergence/relaxation", "convergence/output_trajectory", "convergence/train/relaxation",
     }
     assert set(main["histograms"]) == (
         {f"states/{p}/{n}" for p in ("free", "nudged") for n in names}

@@ -23,8 +23,8 @@ What is logged (tags; ``{layer}`` is ``model.state_names()``: ``layer1`` … ``o
   the same with a ``convergence/train/`` prefix: scalars ``convergence/train/{free,nudged}/steps_to_tol``,
   ``convergence/train/free/unconverged_frac``, ``convergence/train/{free,nudged}/final_residual/{layer}``,
   ``saturation/train/{free,nudged}/{layer}``; curves in runs ``<version>/relaxation/step_NNNNNNN``
-  (``convergence/train/{free,nudged}/residual/{layer}``, ``…/log10_residual/{layer}``, ``…/phi``); figures ``convergence/train/relaxation`` and
-  ``convergence/train/output_trajectory``.
+  (``convergence/train/{free,nudged}/residual/{layer}``, ``…/log10_residual/{layer}``, ``…/phi``); the figure
+  ``convergence/train/relaxation`` (output trajectories only for the fixed batch: a figure costs ~0.15 s).
 
 * A **custom-scalars layout** (TensorBoard's "Custom Scalars" tab) groups these charts, written once at fit start.
 
@@ -233,13 +233,13 @@ class ConvergenceMonitor(L.Callback):
             return
         step = trainer.global_step
         x, labels = batch[0][: self.max_samples], batch[1][: self.max_samples]
-        snap = self.snapshot(pl_module, x.to(pl_module.device), labels.to(pl_module.device))
+        snap = self.snapshot(pl_module, x.to(pl_module.device), labels.to(pl_module.device), trajectories=False)
         metrics = self.summary_metrics(snap, pl_module, prefix="train/")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         self._warn_if_unconverged(snap, f"training batch at step {step}")
         self._write_curves(trainer, snap, pl_module, f"step_{step:07d}", "convergence/train/")
-        self._write_figures(trainer, snap, pl_module, step, "convergence/train/")
+        self._write_figures(trainer, snap, pl_module, step, "convergence/train/", trajectories=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -283,7 +283,7 @@ class ConvergenceMonitor(L.Callback):
         return x.to(pl_module.device), labels.to(pl_module.device)
 
     # --- measurement --------------------------------------------------------------------------------------------
-    def snapshot(self, pl_module: L.LightningModule, x: Tensor, labels: Tensor) -> Snapshot:
+    def snapshot(self, pl_module: L.LightningModule, x: Tensor, labels: Tensor, trajectories: bool = True) -> Snapshot:
         """Relax the free phase (T steps) and the nudged phase (K steps at β, from s*) with traces.
 
         The phases are the module's: the start state is ``pl_module.initial_state(x)`` and the drive
@@ -293,7 +293,7 @@ class ConvergenceMonitor(L.Callback):
         model: EnergyModel = pl_module.model
         beta = float(getattr(pl_module, "beta", 0.0) or 0.0)
         K = int(getattr(pl_module, "K", None) or getattr(pl_module, "T_plus", 0) or 0)
-        keep = self.trajectory_samples
+        keep = self.trajectory_samples if trajectories else 0
         initial_state = getattr(pl_module, "initial_state", None)
         negative_drive = getattr(pl_module, "negative_drive", None)
         with torch.no_grad():
@@ -395,12 +395,16 @@ class ConvergenceMonitor(L.Callback):
             finally:
                 writer.close()
 
-    def _write_figures(self, trainer: L.Trainer, snap: Snapshot, pl_module: L.LightningModule, step: int, prefix: str) -> None:
+    def _write_figures(
+        self, trainer: L.Trainer, snap: Snapshot, pl_module: L.LightningModule, step: int, prefix: str,
+        trajectories: bool = True,
+    ) -> None:
+        """Relaxation figure (and, when ``trajectories``, the output-trajectory figure: ~0.15 s each to render)."""
         loggers = self._tb_loggers(trainer)
         if not loggers:
             return
         images = {f"{prefix}relaxation": relaxation_figure(snap, self.tolerance)}
-        if self.trajectory_samples and snap.free.outputs.numel():
+        if trajectories and self.trajectory_samples and snap.free.outputs.numel():
             images[f"{prefix}output_trajectory"] = trajectory_figure(snap)
         for logger in loggers:
             for tag, image in images.items():
