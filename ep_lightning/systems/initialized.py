@@ -16,7 +16,14 @@ Per training batch of ``InitializedEP`` (as in the authors' release):
 
 Both updates come from ONE ``manual_backward`` of (EP surrogate + contrast loss): their parameter sets are disjoint
 and every input of each term is detached from the other, so the gradients are exactly those of two separate
-backwards, while DDP sees the single backward per forward that its reducer expects and all-reduces both.
+backwards, while DDP sees the single backward per forward that its reducer expects and all-reduces both. Two
+optimizers (energy model, initializer) step after it; only the first step is counted, so ``global_step`` counts
+batches as for every other module.
+
+Logged: ``train/loss`` (C at s⁻), ``train/err`` / ``train/err_init`` (error of s⁻ / of s^f), ``train/init_loss``,
+``train/dist_init/<layer>`` (‖s^f_l − s⁻_l‖, per-sample norm, batch mean); at validation and test ``*/err`` and
+``*/acc`` (s^f refined by ``eval_steps`` steps) and ``*/err_init``, ``*/acc_init`` (the initializer alone). The
+residual curves from s^f against from zero come from ``ep_lightning.callbacks.initialization.InitializationMonitor``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, Literal, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -445,6 +453,11 @@ class InitializerDistillation(_InitializedBase):
         layers = check_fully_connected(model)
         if checkpoint is not None:
             load_energy_weights(model, checkpoint)
+        else:
+            rank_zero_warn(
+                "InitializerDistillation: model.checkpoint is null, so the initializer learns the fixed points of the "
+                "model's initial weights; set model.checkpoint to a trained network's .ckpt to distill it"
+            )
         model.requires_grad_(False)
         if initializer is None:
             initializer = FeedforwardInitializer(layers)
@@ -487,7 +500,8 @@ class InitializerDistillation(_InitializedBase):
         self.manual_backward(loss)
         optimizer.step()
         batch_size = x.shape[0]
-        self.log("train/init_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        # train/loss is this module's objective, the contrast loss (InitializedEP logs it as train/init_loss).
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self._log_error("train/err_init", s_f[-1].detach(), labels, prog_bar=True)
         self._log_error("train/err", self.model.output(target), labels)
         self._log_distances(s_f, target, batch_size)
