@@ -46,7 +46,7 @@ class RelaxationTrace:
         self.states: list[State] = []
 
     def record(self, before: State, after: State) -> None:
-        """Store the per-sample residual norm of every layer for the step ``before`` → ``after`` (and Φ of ``after``)."""
+        """Store the per-sample residual norm of every layer for the step ``before`` → ``after`` (and Φ(after))."""
         res = [(a - b).detach().flatten(1).norm(dim=1) for a, b in zip(after, before)]
         self._sample_residuals.append(torch.stack(res))
         if self.x is not None and self.model is not None:

@@ -64,7 +64,8 @@ class TinyConvNet(EnergyModel):
 
     def init_state(self, x: Tensor) -> State:
         w = self.fc.weight
-        return (x.new_zeros(x.shape[0], *self.shape, dtype=w.dtype), x.new_zeros(x.shape[0], self.num_classes, dtype=w.dtype))
+        batch = x.shape[0]
+        return (x.new_zeros(batch, *self.shape, dtype=w.dtype), x.new_zeros(batch, self.num_classes, dtype=w.dtype))
 
     def drive(self, x: Tensor) -> Tensor:
         return self.conv(x)
@@ -100,7 +101,8 @@ def loaders(n: int = 24, shape: tuple[int, ...] = (1, 4, 4), n_cls: int = 3, bat
 
 def fit(model: EnergyModel, callbacks: list, tmp_path: Path | None, epochs: int = 1, val: bool = False, **module_kw):
     torch.manual_seed(0)
-    module = EquilibriumModule(model.double(), T=module_kw.pop("T", 8), K=module_kw.pop("K", 3), beta=0.5, lrs=[0.05, 0.05])
+    steps = dict(T=module_kw.pop("T", 8), K=module_kw.pop("K", 3))
+    module = EquilibriumModule(model.double(), **steps, beta=0.5, lrs=[0.05, 0.05])
     logger = TensorBoardLogger(str(tmp_path), name="run") if tmp_path is not None else False
     trainer = L.Trainer(
         max_epochs=epochs, logger=logger, callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
@@ -144,7 +146,9 @@ def test_trace_per_sample_residuals_match_a_direct_loop() -> None:
         states = [net.init_state(x)]
         for _ in range(5):
             states.append(net.step(states[-1], net.drive(x)))
-    expected = torch.stack([torch.stack([(a - b).norm(dim=1) for a, b in zip(s1, s0)]) for s0, s1 in zip(states, states[1:])])
+    expected = torch.stack(
+        [torch.stack([(a - b).norm(dim=1) for a, b in zip(s1, s0)]) for s0, s1 in zip(states, states[1:])]
+    )
     # Same float64 operations in the same order: agreement to rounding.
     torch.testing.assert_close(trace.sample_residuals, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(trace.residuals, expected.mean(2), rtol=1e-12, atol=0)
@@ -242,7 +246,8 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
     names = ["layer1", "output"]
     scalars = {"convergence/free/steps_to_tol", "convergence/nudged/steps_to_tol", "convergence/free/unconverged_frac"}
     for phase in ("free", "nudged"):
-        scalars |= {f"convergence/{phase}/final_residual/{n}" for n in names} | {f"saturation/{phase}/{n}" for n in names}
+        scalars |= {f"convergence/{phase}/final_residual/{n}" for n in names}
+        scalars |= {f"saturation/{phase}/{n}" for n in names}
     train_scalars = {re.sub(r"^(convergence|saturation)/", r"\1/train/", tag) for tag in scalars}
     assert scalars | train_scalars <= set(main["scalars"])
     # Epoch-level scalars once per epoch; training-batch scalars at steps 0, 4, 8 (6 steps per epoch).
@@ -264,7 +269,8 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
         assert set(run.Tags()["scalars"]) == curve_tags
         assert [e.step for e in run.Scalars("convergence/free/residual/layer1")] == list(range(1, T + 1))
         assert [e.step for e in run.Scalars("convergence/nudged/phi")] == list(range(T + 1, T + K + 1))
-    assert set(runs["relaxation/step_0000004"].Tags()["scalars"]) == {t.replace("convergence/", "convergence/train/") for t in curve_tags}
+    train_curve_tags = {t.replace("convergence/", "convergence/train/") for t in curve_tags}
+    assert set(runs["relaxation/step_0000004"].Tags()["scalars"]) == train_curve_tags
 
     # The logged per-t residual is the one of the fixed batch relaxed with the final weights (last epoch).
     x, labels = monitor._batch
@@ -272,8 +278,10 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
     with torch.no_grad():
         relax(module.model, module.model.drive(x), module.model.init_state(x), T, trace=tr)
     logged = [e.value for e in runs["relaxation/epoch_001"].Scalars("convergence/free/residual/output")]
-    torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), tr.residuals[:, 1], rtol=1e-6, atol=1e-12)  # float32 event values
-    logged = {e.step: e.value for e in runs["relaxation/epoch_001"].Scalars("convergence/free/log10_residual/whole_state")}
+    # Event files hold float32 values: relative agreement to 1e-6.
+    torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), tr.residuals[:, 1], rtol=1e-6, atol=1e-12)
+    events = runs["relaxation/epoch_001"].Scalars("convergence/free/log10_residual/whole_state")
+    logged = {e.step: e.value for e in events}
     whole = tr.total_residuals.mean(1)
     assert set(logged) == {t + 1 for t in range(T) if whole[t] > 0}
     for t, value in logged.items():
@@ -330,7 +338,8 @@ def test_disabled_monitor_adds_no_relaxation(tmp_path: Path, kwargs: dict) -> No
     trainer, module = fit(CountingNet([16, 8, 3]), [ConvergenceMonitor(**kwargs)], tmp_path)
     assert module.model.calls == baseline.model.calls == 6 * (8 + 3)  # 6 batches × (T + K), nothing more
     assert not os.path.exists(os.path.join(trainer.logger.log_dir, "relaxation"))
-    assert not any(t.startswith(("convergence", "saturation")) for t in read_runs(trainer.logger.log_dir)["."].Tags()["scalars"])
+    tags = read_runs(trainer.logger.log_dir)["."].Tags()["scalars"]
+    assert not any(t.startswith(("convergence", "saturation")) for t in tags)
     _, enabled = fit(CountingNet([16, 8, 3]), [ConvergenceMonitor(every_n_steps=0)], None)
     assert enabled.model.calls == baseline.model.calls + (8 + 3)  # one epoch-end snapshot: T + K steps
 
@@ -341,7 +350,8 @@ def test_monitor_does_not_change_training(tmp_path: Path) -> None:
     _, plain = fit(PrototypicalNet([16, 8, 3]), [], None, epochs=2)
     torch.manual_seed(3)
     _, watched = fit(PrototypicalNet([16, 8, 3]), [ConvergenceMonitor(every_n_steps=5)], tmp_path, epochs=2)
-    assert not any(torch.equal(p, q) for p, q in zip(plain.parameters(), PrototypicalNet([16, 8, 3]).double().parameters()))
+    untrained = PrototypicalNet([16, 8, 3]).double()
+    assert not any(torch.equal(p, q) for p, q in zip(plain.parameters(), untrained.parameters()))  # it did train
     for p, q in zip(plain.parameters(), watched.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -349,8 +359,9 @@ def test_monitor_does_not_change_training(tmp_path: Path) -> None:
 # --- configuration ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "field, value",
-    [("every_n_steps", -1), ("every_n_epochs", 1.5), ("max_samples", 0), ("tolerance", 0.0), ("tolerance", float("nan")),
-     ("warn_unconverged", 1.5), ("saturation_margin", 0.5), ("source", "test"), ("feature_map_channels", 0)],
+    [("every_n_steps", -1), ("every_n_epochs", 1.5), ("max_samples", 0), ("tolerance", 0.0),
+     ("tolerance", float("nan")), ("warn_unconverged", 1.5), ("saturation_margin", 0.5), ("source", "test"),
+     ("feature_map_channels", 0)],
 )
 def test_bad_arguments_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):

@@ -180,9 +180,13 @@ class ConvergenceMonitor(L.Callback):
                 f"ConvergenceMonitor feature_map_channels={feature_map_channels!r} is invalid: use a positive integer"
             )
         if not (tolerance > 0 and math.isfinite(tolerance)):
-            raise ValueError(f"ConvergenceMonitor tolerance={tolerance!r} is invalid: use a finite number > 0 (e.g. 1e-4)")
+            raise ValueError(
+                f"ConvergenceMonitor tolerance={tolerance!r} is invalid: use a finite number > 0 (e.g. 1e-4)"
+            )
         if not 0.0 <= warn_unconverged <= 1.0:
-            raise ValueError(f"ConvergenceMonitor warn_unconverged={warn_unconverged!r} is invalid: use a share in [0, 1]")
+            raise ValueError(
+                f"ConvergenceMonitor warn_unconverged={warn_unconverged!r} is invalid: use a share in [0, 1]"
+            )
         if not 0.0 <= saturation_margin < 0.5:
             raise ValueError(
                 f"ConvergenceMonitor saturation_margin={saturation_margin!r} is invalid: use a fraction in [0, 0.5)"
@@ -213,10 +217,11 @@ class ConvergenceMonitor(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.active or stage != "fit":
             return
-        if not isinstance(getattr(pl_module, "model", None), EnergyModel) or not isinstance(getattr(pl_module, "T", None), int):
+        model, steps = getattr(pl_module, "model", None), getattr(pl_module, "T", None)
+        if not isinstance(model, EnergyModel) or not isinstance(steps, int):
             raise ValueError(
                 f"ConvergenceMonitor needs a LightningModule with `model` (an EnergyModel) and an int `T` (free-phase "
-                f"steps); {type(pl_module).__name__} has neither. Remove the callback or set `enabled: false`."
+                f"steps); {type(pl_module).__name__} lacks them. Remove the callback or set `enabled: false`."
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -226,7 +231,9 @@ class ConvergenceMonitor(L.Callback):
         for logger in self._tb_loggers(trainer):
             logger.experiment.add_custom_scalars(layout)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not self.enabled or not self.every_n_steps or trainer.global_step % self.every_n_steps:
             return
         if not trainer.is_global_zero:  # rank 0's batch only: no collective below
@@ -359,7 +366,9 @@ class ConvergenceMonitor(L.Callback):
 
         return {
             "convergence: fixed batch against relaxation step t (one run per epoch)": curves("convergence/"),
-            "convergence: training batch against relaxation step t (one run per snapshot)": curves("convergence/train/"),
+            "convergence: training batch against relaxation step t (one run per snapshot)": curves(
+                "convergence/train/"
+            ),
             "convergence: summaries against training step": {
                 "steps to tolerance": ["Multiline", [r"^convergence/(train/)?(free|nudged)/steps_to_tol$"]],
                 "unconverged share (free phase)": ["Multiline", [r"^convergence/(train/)?free/unconverged_frac$"]],
@@ -368,7 +377,9 @@ class ConvergenceMonitor(L.Callback):
             },
         }
 
-    def _write_curves(self, trainer: L.Trainer, snap: Snapshot, pl_module: L.LightningModule, run: str, prefix: str) -> None:
+    def _write_curves(
+        self, trainer: L.Trainer, snap: Snapshot, pl_module: L.LightningModule, run: str, prefix: str
+    ) -> None:
         """Per-t scalars of one snapshot in their own run ``<log_dir>/relaxation/<run>`` (t = 1 … T, T+1 … T+K)."""
         loggers = self._tb_loggers(trainer)
         if not loggers:
@@ -389,7 +400,8 @@ class ConvergenceMonitor(L.Callback):
                             value = float(values[t])
                             writer.add_scalar(f"{prefix}{phase}/residual/{name}", value, offset + t + 1)
                             if value > 0:  # an exact fixed point (residual 0) leaves a gap on the log axis
-                                writer.add_scalar(f"{prefix}{phase}/log10_residual/{name}", math.log10(value), offset + t + 1)
+                                tag = f"{prefix}{phase}/log10_residual/{name}"
+                                writer.add_scalar(tag, math.log10(value), offset + t + 1)
                         if rec.phi.numel():
                             writer.add_scalar(f"{prefix}{phase}/phi", float(rec.phi[t]), offset + t + 1)
             finally:
@@ -511,7 +523,8 @@ def relaxation_figure(snap: Snapshot, tolerance: float) -> np.ndarray:
             continue
         t = np.arange(offset + 1, offset + rec.residuals.shape[0] + 1)
         for layer, name in enumerate(snap.names):
-            ax_res.semilogy(t, _positive(rec.residuals[:, layer]), style, color=colors[layer], label=f"{name} ({phase})")
+            values = _positive(rec.residuals[:, layer])
+            ax_res.semilogy(t, values, style, color=colors[layer], label=f"{name} ({phase})")
         ax_res.semilogy(t, _positive(rec.total), style, color="k", lw=0.8, label=f"whole state ({phase})")
         if rec.phi.numel():
             ax_phi.plot(t, rec.phi.double().numpy(), style, color="C0", label=phase)
