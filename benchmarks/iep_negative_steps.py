@@ -59,7 +59,8 @@ def label_of(lam: float | None) -> str:
 
 def settings_key(label: str, t_minus: int, seed: int, args: argparse.Namespace) -> str:
     """Everything that determines a run's result (used to reuse cached runs)."""
-    return f"{label}|T-={t_minus}|seed={seed}|epochs={args.epochs}|train={args.train_subset}|test={args.test_subset}|val={args.val_batches}"
+    data = f"epochs={args.epochs}|train={args.train_subset}|test={args.test_subset}|val={args.val_batches}"
+    return f"{label}|T-={t_minus}|seed={seed}|{data}"
 
 
 def run_one(lam: float | None, t_minus: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -69,21 +70,35 @@ def run_one(lam: float | None, t_minus: int, seed: int, args: argparse.Namespace
     try:
         cli = cli_main(
             [
-                "--config", str(EP_CONFIG if lam is None else IEP_CONFIG),
-                "--seed_everything", str(seed),
-                "--model.init_args.T_minus", str(t_minus),
+                "--config",
+                str(EP_CONFIG if lam is None else IEP_CONFIG),
+                "--seed_everything",
+                str(seed),
+                "--model.init_args.T_minus",
+                str(t_minus),
                 *overrides,
-                "--trainer.max_epochs", str(args.epochs),
-                "--trainer.logger", "false",
-                "--trainer.enable_progress_bar", "false",
-                "--trainer.enable_model_summary", "false",
-                "--trainer.enable_checkpointing", "false",
-                "--trainer.callbacks", "[]",
-                "--trainer.num_sanity_val_steps", "0",
-                "--trainer.limit_val_batches", str(args.val_batches),
-                "--trainer.default_root_dir", str(args.work_dir),
-                "--data.data_dir", str(ROOT / "data"),
-                "--data.train_subset", str(args.train_subset),
+                "--trainer.max_epochs",
+                str(args.epochs),
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+                "--trainer.enable_checkpointing",
+                "false",
+                "--trainer.callbacks",
+                "[]",
+                "--trainer.num_sanity_val_steps",
+                "0",
+                "--trainer.limit_val_batches",
+                str(args.val_batches),
+                "--trainer.default_root_dir",
+                str(args.work_dir),
+                "--data.data_dir",
+                str(ROOT / "data"),
+                "--data.train_subset",
+                str(args.train_subset),
                 *(["--data.test_subset", str(args.test_subset)] if args.test_subset else []),
             ],
             run=False,
@@ -126,10 +141,12 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace, labels: list[
     for label in labels:
         header += [f"{label}: s⁻"] if label == "EP" else [f"{label}: s^f", f"{label}: s⁻"]
     lines = [
-        f"Test error (%) on the official MNIST test set (10k) after {args.epochs} epoch(s) on {args.train_subset} "
-        f"training images of the 50k split (784-500-10, β ±0.5, T⁺ 4, ε 0.5, batch 20; evaluation with T⁻ steps; "
-        f"seeds {seeds}; one value per seed that was run, in seed order). s^f: initializer alone; s⁻: after T⁻ steps (from s^f for IEP, from "
-        f"zero for EP). 90 % = collapsed to one class.",
+        (
+            f"Test error (%) on the official MNIST test set (10k) after {args.epochs} epoch(s) on {args.train_subset} "
+            f"training images of the 50k split (784-500-10, β ±0.5, T⁺ 4, ε 0.5, batch 20; evaluation with T⁻ steps; "
+            f"seeds {seeds}; one value per seed that was run, in seed order). s^f: initializer alone; s⁻: after T⁻ "
+            f"steps (from s^f for IEP, from zero for EP). 90 % = collapsed to one class."
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---:|" * len(header),
@@ -170,8 +187,11 @@ def figure(results: list[dict[str, Any]], args: argparse.Namespace, labels: list
     ax.set_yscale("log")
     ax.set_xticks(args.steps, [str(t) for t in args.steps])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set(xlabel="negative-phase steps $T^-$", ylabel="test error (%)",
-           title=f"784-500-10, {args.epochs} epochs × {args.train_subset // 1000}k images, seeds {args.seeds}")
+    ax.set(
+        xlabel="negative-phase steps $T^-$",
+        ylabel="test error (%)",
+        title=f"784-500-10, {args.epochs} epochs × {args.train_subset // 1000}k images, seeds {args.seeds}",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     first = min(args.seeds)
@@ -180,8 +200,13 @@ def figure(results: list[dict[str, Any]], args: argparse.Namespace, labels: list
             runs = [r for r in results if r["label"] == label and r["T_minus"] == t and r["seed"] == first]
             if runs:
                 curve = runs[0]["val_curve"]
-                ax_curve.plot(range(1, len(curve) + 1), [100 * c["err"] for c in curve], ["-", "--", "-.", ":"][i % 4],
-                              color=f"C{j}", label=f"{label}, $T^-$={t}")
+                ax_curve.plot(
+                    range(1, len(curve) + 1),
+                    [100 * c["err"] for c in curve],
+                    ["-", "--", "-.", ":"][i % 4],
+                    color=f"C{j}",
+                    label=f"{label}, $T^-$={t}",
+                )
     ax_curve.set_yscale("log")
     ax_curve.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_curve.set(xlabel="epoch", ylabel="validation error of $s^-$ (%)", title=f"learning curves (seed {first})")
@@ -206,8 +231,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs/img/iep_negative_steps.png")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/iep_negative_steps"))
     parser.add_argument("--no-cache", action="store_true", help="re-run runs already stored in the JSON")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: table and figure of every cached run with these epochs/subsets (any T⁻, λ, seed)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: table and figure of every cached run with these epochs/subsets (any T⁻, λ, seed)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     json_path = args.out.with_suffix(".json")

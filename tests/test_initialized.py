@@ -42,14 +42,15 @@ def _iep(hidden: int = 40, lam: float = 0.1, initializer: bool = True, dtype=tor
     layers = [784, hidden, 10]
     model = EnergyBasedNet(layers, activation="hard_sigmoid", eps=0.5, cost_scale=1.0).to(dtype)
     init = FeedforwardInitializer(layers).to(dtype) if initializer else None
-    args = dict(T_minus=10, T_plus=4, beta=0.5, lam=lam if initializer else 0.0, lrs=[0.1, 0.05], seed=0)
+    args = {"T_minus": 10, "T_plus": 4, "beta": 0.5, "lam": lam if initializer else 0.0, "lrs": [0.1, 0.05], "seed": 0}
     args.update(kwargs)
     return InitializedEP(model, init, **args)
 
 
 # --- the initializer's local loss -------------------------------------------------------------------------------
 def test_local_loss_gradient_is_layer_local_delta_rule() -> None:
-    """∇ of L_l = mean ½‖s^f_l − t_l‖² touches only φ_l and equals (1/B) δ_lᵀ s^f_{l−1}, δ_l = (s^f_l − t_l) ⊙ ρ_f'(z_l)."""
+    """∇ of L_l = mean ½‖s^f_l − t_l‖² touches only φ_l and equals (1/B) δ_lᵀ s^f_{l−1},
+    with δ_l = (s^f_l − t_l) ⊙ ρ_f'(z_l)."""
     torch.manual_seed(0)
     init = FeedforwardInitializer([7, 6, 5, 4], leak=0.01).double()
     with torch.no_grad():  # larger weights so that pre-activations fall on both sides of [0, 1] (ρ_f' ∈ {0.01, 1.01})
@@ -105,7 +106,7 @@ def test_one_backward_gives_the_ep_update_and_the_initializer_update(beta: float
     model, init = module.model, module.initializer
     x = torch.rand(8, 784, dtype=torch.float64)
     target = F.one_hot(torch.randint(0, 10, (8,)), 10).double()
-    ep_loss, init_loss, s_f, s_minus = module.losses(x, target, beta)
+    ep_loss, init_loss, _s_f, s_minus = module.losses(x, target, beta)
     (ep_loss + init_loss).backward()
 
     # Independent phases: s ← clamp(s − ε ∂(E + λ/2‖s − s^f‖² + βC)/∂s, 0, 1), gradients by autograd.
@@ -136,7 +137,7 @@ def test_one_backward_gives_the_ep_update_and_the_initializer_update(beta: float
 
 # --- the random sign of β ---------------------------------------------------------------------------------------
 def test_beta_sign_is_seeded_and_restored_from_checkpoint() -> None:
-    signs = lambda m, n: [m.draw_beta() for _ in range(n)]  # noqa: E731
+    signs = lambda m, n: [m.draw_beta() for _ in range(n)]
     a, b, c = _iep(seed=3), _iep(seed=3), _iep(seed=4)
     seq_a = signs(a, 40)
     assert seq_a == signs(b, 40)
@@ -173,6 +174,38 @@ def test_training_run_is_reproducible_bit_for_bit_on_cpu(tmp_path: Path) -> None
     first, second, other = _fit_weights(0, tmp_path), _fit_weights(0, tmp_path), _fit_weights(1, tmp_path)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path: Path) -> None:
+    """2 epochs in one go equal 1 epoch, checkpoint, then resume for the 2nd (same run seed, hence same data order).
+    The resumed module is built with another β seed: only the restored generator state can make the signs match."""
+
+    def trainer(epochs: int, sub: str) -> L.Trainer:
+        return L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path / sub),
+            limit_val_batches=0,
+        )
+
+    L.seed_everything(0, verbose=False)
+    straight = _iep(hidden=20, seed=0, T_minus=5, T_plus=2)
+    trainer(2, "straight").fit(straight, datamodule=_mnist(train=200))
+    L.seed_everything(0, verbose=False)
+    first = _iep(hidden=20, seed=0, T_minus=5, T_plus=2)
+    half = trainer(1, "half")
+    half.fit(first, datamodule=_mnist(train=200))
+    half.save_checkpoint(tmp_path / "mid.ckpt")
+    L.seed_everything(0, verbose=False)
+    resumed = _iep(hidden=20, seed=7, T_minus=5, T_plus=2)
+    second = trainer(2, "resumed")
+    second.fit(resumed, datamodule=_mnist(train=200), ckpt_path=tmp_path / "mid.ckpt", weights_only=False)
+    assert second.global_step == 20  # 2 epochs × 10 batches: one counted step per batch
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
+    assert [straight.draw_beta() for _ in range(10)] == [resumed.draw_beta() for _ in range(10)]
 
 
 def test_global_step_counts_batches_with_two_optimizers(tmp_path: Path) -> None:
@@ -242,15 +275,22 @@ def test_distillation_from_a_p_checkpoint_trains_only_the_initializer(tmp_path: 
     before = distance()
     frozen = {k: v.clone() for k, v in student.model.state_dict().items()}
     distill_trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(tmp_path), limit_val_batches=0,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        limit_val_batches=0,
     )
     distill_trainer.fit(student, datamodule=data)
     after = distance()
     assert after < 0.5 * before, f"‖s^f − s*‖ summed over layers: {before:.3f} before, {after:.3f} after"
     assert all(torch.equal(v, student.model.state_dict()[k]) for k, v in frozen.items())
 
-    ckpt = Path(distill_trainer.checkpoint_callback.best_model_path or distill_trainer.checkpoint_callback.last_model_path)
+    ckpt = Path(
+        distill_trainer.checkpoint_callback.best_model_path or distill_trainer.checkpoint_callback.last_model_path
+    )
     assert ckpt.is_file()
     exported = FeedforwardInitializer.from_checkpoint(ckpt)
     assert type(exported) is FeedforwardInitializer and exported.layers == [784, 30, 10]

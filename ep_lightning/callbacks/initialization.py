@@ -41,7 +41,9 @@ class InitializationMonitor(L.Callback):
         self.steps = steps
         self._batch: Tensor | None = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.every_n_epochs and self._batch is None:
             self._batch = batch[0][: self.max_samples].detach().clone()
 
@@ -67,8 +69,12 @@ class InitializationMonitor(L.Callback):
         res_init, res_zero, dist = self.residual_curves(pl_module, x, self.steps or pl_module.T)
         names = pl_module.model.state_names()
         for layer, name in enumerate(names):
-            pl_module.log(f"iep/residual_final/from_init/{name}", float(res_init[-1, layer]), on_epoch=True, sync_dist=True)
-            pl_module.log(f"iep/residual_final/from_zero/{name}", float(res_zero[-1, layer]), on_epoch=True, sync_dist=True)
+            pl_module.log(
+                f"iep/residual_final/from_init/{name}", float(res_init[-1, layer]), on_epoch=True, sync_dist=True
+            )
+            pl_module.log(
+                f"iep/residual_final/from_zero/{name}", float(res_zero[-1, layer]), on_epoch=True, sync_dist=True
+            )
             pl_module.log(f"iep/dist_init_to_fixed_point/{name}", float(dist[layer]), on_epoch=True, sync_dist=True)
         if trainer.is_global_zero:
             self._log_figure(trainer, res_init.cpu(), res_zero.cpu(), names)
@@ -87,7 +93,9 @@ class InitializationMonitor(L.Callback):
         steps = torch.arange(1, res_init.shape[0] + 1)
         for layer, name in enumerate(names):
             line = ax.semilogy(steps, res_init[:, layer].clamp_min(1e-30), label=f"{name}, from s^f")[0]
-            ax.semilogy(steps, res_zero[:, layer].clamp_min(1e-30), "--", color=line.get_color(), label=f"{name}, from 0")
+            ax.semilogy(
+                steps, res_zero[:, layer].clamp_min(1e-30), "--", color=line.get_color(), label=f"{name}, from 0"
+            )
         ax.set(xlabel="step t", ylabel="‖s_{t+1} − s_t‖ (batch mean)", title="free-phase residual: from s^f vs from 0")
         ax.legend(fontsize=7)
         fig.tight_layout()

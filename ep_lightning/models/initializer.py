@@ -10,8 +10,8 @@ Layer order is input → output, like the energy models: ``forward(x)[-1]`` is t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,12 +96,14 @@ class FeedforwardInitializer(nn.Module):
         return torch.stack(self.layer_losses(x, target, local)).sum()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "FeedforwardInitializer":
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> FeedforwardInitializer:
         """Extract the trained f_φ from a Lightning checkpoint of ``InitializedEP`` or ``InitializerDistillation``.
 
         Layer sizes come from the weight shapes, the leak from the checkpoint's ``initializer_config`` entry.
         """
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)  # our own file: hparams hold callables
+        checkpoint = torch.load(
+            path, map_location=map_location, weights_only=False
+        )  # our own file: hparams hold callables
         prefix = "initializer."
         state = {k[len(prefix) :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
         if not state:

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -83,13 +84,15 @@ def load_energy_weights(model: EnergyModel, checkpoint: str | Path) -> None:
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in data.get("state_dict", {}).items() if k.startswith(prefix)}
     if not state:
-        raise ValueError(f"model.checkpoint={str(checkpoint)!r} holds no 'model.*' weights (not an ep_lightning checkpoint)")
+        raise ValueError(
+            f"model.checkpoint={str(checkpoint)!r} holds no 'model.*' weights (not an ep_lightning checkpoint)"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(
-            f"model.checkpoint={str(checkpoint)!r} does not fit model={type(model).__name__}: configure `model` exactly "
-            f"as the network that was trained ({err})"
+            f"model.checkpoint={str(checkpoint)!r} does not fit model={type(model).__name__}: configure `model` "
+            f"exactly as the network that was trained ({err})"
         ) from err
 
 
@@ -124,7 +127,7 @@ class _InitializedBase(L.LightningModule):
                     f"model.lam={lam} is not supported by model={type(model).__name__}: its dynamics take no anchor "
                     f"(only EnergyBasedNet does); use lam: 0"
                 )
-        metric = lambda: MulticlassAccuracy(num_classes=model.num_classes, average="micro")  # noqa: E731
+        metric = lambda: MulticlassAccuracy(num_classes=model.num_classes, average="micro")
         self.val_acc, self.test_acc = metric(), metric()
         self.val_acc_init, self.test_acc_init = metric(), metric()
 
@@ -149,7 +152,7 @@ class _InitializedBase(L.LightningModule):
             return relax(self.model, self.negative_drive(x, start), start, steps or self.T, trace=trace)
 
     @property
-    def T(self) -> int:  # noqa: N802 (the papers' name; ConvergenceMonitor reads it)
+    def T(self) -> int:
         """Free-phase steps used in training."""
         raise NotImplementedError
 
@@ -158,7 +161,9 @@ class _InitializedBase(L.LightningModule):
         """‖s^f_l − s⁻_l‖ per layer (per-sample norm, batch mean)."""
         for name, a, b in zip(self.model.state_names(), s_f, s_minus):
             dist = (a.detach() - b).flatten(1).norm(dim=1).mean()
-            self.log(f"train/dist_init/{name}", dist, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            self.log(
+                f"train/dist_init/{name}", dist, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
+            )
 
     def _log_error(self, key: str, output: Tensor, labels: Tensor, prog_bar: bool = False) -> None:
         err = (output.argmax(dim=1) != labels).float().mean()
@@ -204,7 +209,10 @@ class _InitializedBase(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.initializer is not None:
-            checkpoint[INITIALIZER_CONFIG_KEY] = {"layers": list(self.initializer.layers), "leak": self.initializer.leak}
+            checkpoint[INITIALIZER_CONFIG_KEY] = {
+                "layers": list(self.initializer.layers),
+                "leak": self.initializer.leak,
+            }
 
     @staticmethod
     def _per_layer_groups(params: list[list[nn.Parameter]], lrs: Sequence[float]) -> list[dict[str, Any]]:
@@ -269,8 +277,8 @@ class InitializedEP(_InitializedBase):
         self,
         model: EnergyModel,
         initializer: FeedforwardInitializer | None = None,
-        T_minus: int = 20,  # noqa: N803 (the paper's T⁻)
-        T_plus: int = 4,  # noqa: N803
+        T_minus: int = 20,
+        T_plus: int = 4,
         beta: float = 0.5,
         random_sign: bool = True,
         lam: float = 0.1,
@@ -337,7 +345,7 @@ class InitializedEP(_InitializedBase):
         self.sign_generator = SignGenerator(int(seed))
 
     @property
-    def T(self) -> int:  # noqa: N802
+    def T(self) -> int:
         return self.T_minus
 
     # --- optimization ----------------------------------------------------------------------------------------
@@ -398,7 +406,14 @@ class InitializedEP(_InitializedBase):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self._log_error("train/err", self.model.output(s_minus), labels, prog_bar=True)
         if self.initializer is not None:
-            self.log("train/init_loss", init_loss.detach(), on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            self.log(
+                "train/init_loss",
+                init_loss.detach(),
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=True,
+            )
             self._log_error("train/err_init", s_f[-1].detach(), labels)
             self._log_distances(s_f, s_minus, batch_size)
         return loss
@@ -425,7 +440,7 @@ class InitializerDistillation(_InitializedBase):
         model: EnergyModel,
         checkpoint: str | None = None,
         initializer: FeedforwardInitializer | None = None,
-        T: int = 20,  # noqa: N803
+        T: int = 20,
         start: Literal["zero", "init"] = "zero",
         lrs: Sequence[float] | None = None,
         local_loss: bool = True,
@@ -477,7 +492,7 @@ class InitializerDistillation(_InitializedBase):
         self.optimizer_factory = optimizer
 
     @property
-    def T(self) -> int:  # noqa: N802
+    def T(self) -> int:
         return self.T_free
 
     def configure_optimizers(self) -> Any:
@@ -501,7 +516,15 @@ class InitializerDistillation(_InitializedBase):
         optimizer.step()
         batch_size = x.shape[0]
         # train/loss is this module's objective, the contrast loss (InitializedEP logs it as train/init_loss).
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log(
+            "train/loss",
+            loss.detach(),
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=True,
+        )
         self._log_error("train/err_init", s_f[-1].detach(), labels, prog_bar=True)
         self._log_error("train/err", self.model.output(target), labels)
         self._log_distances(s_f, target, batch_size)
