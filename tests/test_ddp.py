@@ -131,21 +131,7 @@ IEP = pytest.mark.skipif(not IEP_AVAILABLE, reason="ep_lightning.systems.initial
 CASES = [
     # Fresh interpreters (ddp_spawn): the most faithful in-process launch, ~5 s per run on 2 idle cores.
     pytest.param("spawn", "ep", "p", id="spawn-ep-p"),
-    pytest.param(
-        "spawn", "iep", "eb", id="spawn-iep-eb",
-        marks=[
-            IEP,
-            # Known bug: InitializedEP.sign_generator is a torch.Generator, whose pickled state is a temporary
-            # tensor; torch.multiprocessing shares it through a file descriptor that is gone when the spawned
-            # worker unpickles ("unable to resize file ... Invalid argument"), so the worker dies before training.
-            # `ddp` (popen) and `ddp_fork` are unaffected (proven by fork-iep-eb and by the train.py test).
-            # strict: once InitializedEP pickles the generator state as bytes, this XPASSes: remove the mark.
-            pytest.mark.xfail(
-                strict=True, raises=ProcessExitedException,
-                reason="InitializedEP.sign_generator (torch.Generator) does not survive pickling to spawn workers",
-            ),
-        ],
-    ),
+    pytest.param("spawn", "iep", "eb", id="spawn-iep-eb", marks=IEP),
     # ddp_fork: the same DDPStrategy, reducer and manual_backward path, only the start method differs (< 1 s).
     pytest.param("fork", "bptt", "p", id="fork-bptt-p"),
     pytest.param("fork", "iep", "eb", id="fork-iep-eb", marks=IEP),

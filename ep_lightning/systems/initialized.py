@@ -42,6 +42,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ep_lightning.algorithms import ep_surrogate
+from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
+from ep_lightning.validation import check_module_fits_datamodule
 from ep_lightning.dynamics import RelaxationTrace, relax
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.initializer import FeedforwardInitializer, layer_contrast_losses
@@ -132,6 +134,13 @@ class _InitializedBase(L.LightningModule):
         self.val_acc_init, self.test_acc_init = metric(), metric()
 
     # --- the negative phase ----------------------------------------------------------------------------------
+    # --- reliability: model/data mismatch at start-up, NaN/Inf guard (ep_lightning/callbacks/divergence.py) -----
+    def setup(self, stage: str) -> None:
+        check_module_fits_datamodule(self)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return default_callbacks(self)
+
     def initial_state(self, x: Tensor) -> State:
         """s^f = f_φ(x) without graph, or the model's zero state when there is no initializer."""
         if self.initializer is None:
@@ -395,6 +404,8 @@ class InitializedEP(_InitializedBase):
         beta = self.draw_beta()
         ep_loss, init_loss, s_f, s_minus = self.losses(x, target, beta)
         self.manual_backward(ep_loss + init_loss if self.initializer is not None else ep_loss)
+        if not check_training_step(self, batch_idx, {"free": s_minus}):  # NaN/Inf: raises, or skips the batch
+            return self.model.cost(s_minus, target).mean()
         optimizers[0].step()  # the energy model's step: counted, so trainer.global_step counts batches
         for opt in optimizers[1:]:
             # The initializer's step goes through the same strategy/precision path as LightningOptimizer.step but
@@ -513,6 +524,8 @@ class InitializerDistillation(_InitializedBase):
         s_f = self.initializer(x, local=self.local_loss)
         loss = torch.stack(layer_contrast_losses(s_f, target)).sum()
         self.manual_backward(loss)
+        if not check_training_step(self, batch_idx, {"free": target}):  # NaN/Inf: raises, or skips the batch
+            return loss.detach()
         optimizer.step()
         batch_size = x.shape[0]
         # train/loss is this module's objective, the contrast loss (InitializedEP logs it as train/init_loss).
