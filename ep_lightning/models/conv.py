@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from ep_lightning.models.activations import ActivationName, get_activation
 from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
+from ep_lightning.models.readout import ReadoutName, SoftmaxReadoutMixin, check_readout
 
 
 def conv_pool_sizes(
@@ -43,7 +45,7 @@ def conv_pool_sizes(
     return conv_sizes, pooled_sizes
 
 
-class ConvPrototypicalNet(EnergyModel):
+class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
     """P-conv: conv + max-pool layers s_1 … s_L (channels × side × side), then a fully connected output o.
 
     State order is input → output: ``(s_1, …, s_L, o)``; for the paper's P-conv, s_1 is 32×12×12 (the paper's s_2),
@@ -59,6 +61,10 @@ class ConvPrototypicalNet(EnergyModel):
     and the transition is s ← σ(∂Φ/∂s) for every layer (synchronous, dt = 1), plus β(y − o) on the output in the
     nudged phase (added outside σ, as in the authors' code). The input term P(conv_1(x)) is constant during the
     relaxation and computed once per batch (``drive``).
+
+    ``readout='ce'`` (Laborieux et al. 2021): the fully connected layer is a softmax read-out outside the dynamics
+    (``models/readout.py``): the state is (s_1, …, s_L), Φ has no output term, logits = W_fc s_L + b_fc, and the
+    nudge reshape(W_fcᵀ(y − softmax(logits))) of s_L enters inside σ: s_L ← σ(∂Φ/∂s_L + β·nudge).
     """
 
     setting = "prototypical"
@@ -73,6 +79,7 @@ class ConvPrototypicalNet(EnergyModel):
         pool_size: int = 2,
         num_classes: int = 10,
         activation: ActivationName = "hard_sigmoid",
+        readout: ReadoutName = "mse",
     ) -> None:
         """
         Args:
@@ -85,6 +92,9 @@ class ConvPrototypicalNet(EnergyModel):
             num_classes: units of the fully connected output layer.
             activation: σ, one of ``hard_sigmoid`` (the paper's choice for P-conv), ``sigmoid``, ``tanh``,
                 ``identity``.
+            readout: ``mse`` (the fc output layer is a dynamical layer, cost ½‖o − y‖², the 2019 paper) or ``ce`` (the
+                fc layer is a softmax read-out outside the dynamics, cross-entropy cost; Laborieux et al. 2021). The
+                learning rates stay one per layer: conv_1 … conv_L, then fc (the read-out for ``ce``).
         """
         super().__init__()
         channels = [int(c) for c in channels]
@@ -104,6 +114,7 @@ class ConvPrototypicalNet(EnergyModel):
             )
         if int(padding) != padding or not 0 <= padding < kernel_size:
             raise ValueError(f"padding={padding} is invalid: use an integer with 0 ≤ padding < kernel_size={kernel_size}")
+        self.readout = check_readout(readout)
         self.sigma, _ = get_activation(activation)
         self.activation_name = activation
         self.input_size, self.input_channels = int(input_size), int(input_channels)
@@ -120,7 +131,8 @@ class ConvPrototypicalNet(EnergyModel):
 
     # --- shapes ----------------------------------------------------------------------------------------------
     def init_state_shapes(self) -> list[tuple[int, ...]]:
-        return [(c, h, h) for c, h in zip(self.channels, self.state_sizes)] + [(self.num_classes,)]
+        conv = [(c, h, h) for c, h in zip(self.channels, self.state_sizes)]
+        return conv if self.readout == "ce" else conv + [(self.num_classes,)]
 
     def init_state(self, x: Tensor) -> State:
         w = self.fc.weight
@@ -153,36 +165,51 @@ class ConvPrototypicalNet(EnergyModel):
         """P(conv_1(x)), the constant input term of the first layer."""
         return self._pool(0, self._image(x))[0]
 
-    def step(self, state: State, drive: Tensor, beta: float = 0.0, target: Tensor | None = None) -> State:
-        """s_i ← σ(∂Φ/∂s_i) for all layers from the old state; o ← σ(W_fc s_L + b_fc) + β(y − o)."""
+    def readout_layer(self) -> nn.Linear:
+        """The softmax read-out W_fc, b_fc (``readout='ce'``)."""
+        return self.fc
+
+    def step(self, state: State, drive: Tensor, beta: Beta = 0.0, target: Tensor | None = None) -> State:
+        """s_i ← σ(∂Φ/∂s_i) for all layers from the old state; o ← σ(W_fc s_L + b_fc) + β(y − o) (``mse``), or
+        s_L ← σ(∂Φ/∂s_L + β reshape(W_fcᵀ(y − softmax(W_fc s_L + b_fc)))) (``ce``)."""
+        nudged = is_nudged(beta)
+        if nudged:
+            assert target is not None, "a nudged step needs a target"
+        ce = self.readout == "ce"
         n_conv = len(self.convs)
         pooled, indices = [drive], [None]
         for i in range(1, n_conv):
             p, ind = self._pool(i, state[i - 1])
             pooled.append(p)
             indices.append(ind)
-        out = state[-1]
         new_state = []
         for i in range(n_conv):
             if i + 1 < n_conv:
                 pre = pooled[i] + self._feedback(i + 1, state[i + 1], indices[i + 1])
+            elif not ce:
+                pre = pooled[i] + (state[-1] @ self.fc.weight).view_as(state[i])
+            elif nudged:  # ce: the read-out's nudge inside σ of the last conv layer
+                pre = add_nudge(pooled[i], self.nudge(state, target), beta)
             else:
-                pre = pooled[i] + (out @ self.fc.weight).view_as(state[i])
+                pre = pooled[i]
             new_state.append(self.sigma(pre))
-        new_out = self.sigma(self.fc(state[n_conv - 1].flatten(1)))
-        if beta != 0.0:
-            assert target is not None, "a nudged step needs a target"
-            new_out = new_out + beta * self.nudge(state, target)
-        new_state.append(new_out)
+        if not ce:
+            new_out = self.sigma(self.fc(state[n_conv - 1].flatten(1)))
+            if nudged:
+                new_out = add_nudge(new_out, self.nudge(state, target), beta)
+            new_state.append(new_out)
         return tuple(new_state)
 
     def phi(self, x: Tensor, state: State) -> Tensor:
-        """Φ = Σ_i s_i · P(conv_i(s_{i−1})) + o · (W_fc s_L + b_fc) per sample (s_0 = x)."""
+        """Φ = Σ_i s_i · P(conv_i(s_{i−1})) + o · (W_fc s_L + b_fc) per sample (s_0 = x); no o term for ``ce``."""
         below = self._image(x)
         total = state[0].new_zeros(state[0].shape[0])
-        for i, s in enumerate(state[:-1]):
+        conv_states = state if self.readout == "ce" else state[:-1]
+        for i, s in enumerate(conv_states):
             total = total + (s * self._pool(i, below)[0]).flatten(1).sum(dim=1)
             below = s
+        if self.readout == "ce":  # the read-out is not part of Φ
+            return total
         return total + (state[-1] * self.fc(below.flatten(1))).sum(dim=1)
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
@@ -190,4 +217,5 @@ class ConvPrototypicalNet(EnergyModel):
         return [list(conv.parameters()) for conv in self.convs] + [list(self.fc.parameters())]
 
     def state_names(self) -> list[str]:
-        return [f"conv{i + 1}" for i in range(len(self.convs))] + ["output"]
+        names = [f"conv{i + 1}" for i in range(len(self.convs))]
+        return names if self.readout == "ce" else names + ["output"]

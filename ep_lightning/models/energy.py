@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ep_lightning.models.activations import ActivationName, get_activation
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.layered import bilinear_contrast
+from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
 
 
 class EnergyDrive(NamedTuple):
@@ -110,12 +111,12 @@ class EnergyBasedNet(EnergyModel):
             grads.append(grad)
         return grads
 
-    def step(self, state: State, drive: EnergyDrive, beta: float = 0.0, target: Tensor | None = None) -> State:
+    def step(self, state: State, drive: EnergyDrive, beta: Beta = 0.0, target: Tensor | None = None) -> State:
         grads = self.energy_gradient(state, drive)
         new_state = [h - self.eps * g for h, g in zip(state, grads)]
-        if beta != 0.0:
+        if is_nudged(beta):
             assert target is not None, "a nudged step needs a target"
-            new_state[-1] = new_state[-1] + (self.eps * beta) * self.nudge(state, target)
+            new_state[-1] = add_nudge(new_state[-1], self.nudge(state, target), self.eps * beta)
         if self.clamp:
             new_state = [h.clamp(0.0, 1.0) for h in new_state]
         return tuple(new_state)

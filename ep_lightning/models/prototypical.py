@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from ep_lightning.models.activations import ActivationName, get_activation, get_fused_activation
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.layered import bilinear_contrast
+from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
+from ep_lightning.models.readout import ReadoutName, SoftmaxReadoutMixin, check_readout
 
 
 class PrototypicalDrive(NamedTuple):
@@ -22,7 +24,7 @@ class PrototypicalDrive(NamedTuple):
     biases: tuple[Tensor, ...]
 
 
-class PrototypicalNet(EnergyModel):
+class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
     """Fully-connected P network with layers ``layers = [n_in, n_1, …, n_out]`` (input → output).
 
     With h_0 = x and h_n = ``state[n-1]``, the primitive function is
@@ -36,6 +38,10 @@ class PrototypicalNet(EnergyModel):
 
     With dt = 1 (the paper) this is h ← σ(∂Φ/∂h), and the nudge is added outside σ as in the authors' code.
     The input drive W_0 x + b_0 is constant during relaxation (``drive``).
+
+    ``readout='ce'`` (Laborieux et al. 2021): the last synapse is a softmax read-out outside the dynamics (see
+    ``models/readout.py``). The state is then (h_1, …, h_{L}) without the output layer, Φ stops at h_L, and the
+    nudge W_outᵀ(y − softmax(W_out h_L + b_out)) enters inside σ: h_L ← h_L + dt(σ(∂Φ/∂h_L + β·nudge) − h_L).
     """
 
     setting = "prototypical"
@@ -45,12 +51,17 @@ class PrototypicalNet(EnergyModel):
         layers: Sequence[int] = (784, 512, 10),
         activation: ActivationName = "sigmoid",
         dt: float = 1.0,
+        readout: ReadoutName = "mse",
     ) -> None:
         """
         Args:
             layers: layer sizes from input to output, e.g. ``[784, 512, 10]`` for P-1h.
             activation: σ, one of ``sigmoid`` (the paper's 1/(1+e^{−4(x−½)})), ``hard_sigmoid``, ``tanh``, ``identity``.
             dt: leak of the update, in (0, 1]; 1 is the paper's discrete-time model.
+            readout: ``mse`` (the output layer is a dynamical layer, cost ½‖s_out − y‖², the 2019 paper) or ``ce``
+                (the last synapse is a softmax read-out outside the dynamics, cross-entropy cost, nudging through its
+                gradient; Laborieux et al. 2021; needs at least one hidden layer). The learning-rate list keeps one
+                entry per synapse, the read-out last.
         """
         super().__init__()
         layers = [int(n) for n in layers]
@@ -60,7 +71,15 @@ class PrototypicalNet(EnergyModel):
             )
         if not (0.0 < dt <= 1.0) or not math.isfinite(dt):
             raise ValueError(f"dt={dt} is invalid: the leak must lie in (0, 1] (the paper uses dt=1)")
+        self.readout = check_readout(readout)
+        if readout == "ce" and len(layers) < 3:
+            raise ValueError(
+                f"layers={layers} is invalid with readout='ce': the read-out sits outside the dynamics, so give at "
+                f"least one hidden layer, e.g. [784, 512, 10]"
+            )
         self.layers = layers
+        #: Synapses inside Φ (all of them for mse; all but the read-out for ce) = number of dynamical layers.
+        self.n_dynamic = len(layers) - 1 if readout == "mse" else len(layers) - 2
         self.activation_name = activation
         self.sigma, _ = get_activation(activation)
         self.fused = get_fused_activation(activation)
@@ -70,23 +89,36 @@ class PrototypicalNet(EnergyModel):
         self.synapses = nn.ModuleList(nn.Linear(layers[n], layers[n + 1]) for n in range(len(layers) - 1))
 
     def init_state_shapes(self) -> list[tuple[int, ...]]:
-        return [(n,) for n in self.layers[1:]]
+        return [(n,) for n in self.layers[1 : 1 + self.n_dynamic]]
 
     def init_state(self, x: Tensor) -> State:
         batch = x.shape[0]
         w = self.synapses[0].weight
-        return tuple(torch.zeros(batch, n, dtype=w.dtype, device=w.device) for n in self.layers[1:])
+        return tuple(torch.zeros(batch, n, dtype=w.dtype, device=w.device) for n in self.layers[1 : 1 + self.n_dynamic])
+
+    def readout_layer(self) -> nn.Linear:
+        """The softmax read-out W_out, b_out (``readout='ce'``): the last synapse."""
+        return self.synapses[-1]
+
+    def state_names(self) -> list[str]:
+        if self.readout == "ce":  # every state layer is hidden; the output is the read-out's logits
+            return [f"layer{i + 1}" for i in range(self.n_dynamic)]
+        return super().state_names()
 
     def drive(self, x: Tensor) -> PrototypicalDrive:
         """Constant terms: a(W_0 x + b_0) + c for the first layer, a b_n + c for the others (σ(z) = g(az + c))."""
         a, c, _ = self.fused
         first = self.synapses[0]
-        biases = tuple(syn.bias * a + c for syn in self.synapses[1:])
+        biases = tuple(syn.bias * a + c for syn in self.synapses[1 : self.n_dynamic])
         return PrototypicalDrive(torch.addmm(first.bias * a + c, x.flatten(1), first.weight.T, alpha=a), biases)
 
-    def step(self, state: State, drive: PrototypicalDrive, beta: float = 0.0, target: Tensor | None = None) -> State:
+    def step(self, state: State, drive: PrototypicalDrive, beta: Beta = 0.0, target: Tensor | None = None) -> State:
         a, _, activate = self.fused
         last = len(state) - 1
+        nudged = is_nudged(beta)
+        if nudged:
+            assert target is not None, "a nudged step needs a target"
+        ce = self.readout == "ce"
         new_state = []
         for n, h in enumerate(state):
             # pre = a·∂Φ/∂h + c, built in place: a(W_n h_n + b_n) + c, then + a W_{n+1}ᵀ h_{n+2}.
@@ -100,12 +132,13 @@ class PrototypicalNet(EnergyModel):
                 pre = torch.addmm(drive.biases[n - 1], state[n - 1], self.synapses[n].weight.T, alpha=a)
                 if n < last:
                     pre.addmm_(state[n + 1], self.synapses[n + 1].weight, alpha=a)
+            if n == last and nudged and ce:  # CE: a(∂Φ/∂h_L + β·nudge) + c, the nudge inside σ
+                pre = add_nudge(pre, self.nudge(state, target), a * beta)
             new = activate(pre) if activate is not None else pre  # σ(∂Φ/∂h)
             if self.dt != 1.0:
                 new = torch.lerp(h, new, self.dt)  # h + dt(σ(∂Φ/∂h) − h)
-            if n == last and beta != 0.0:
-                assert target is not None, "a nudged step needs a target"
-                new = torch.add(new, self.nudge(state, target), alpha=self.dt * beta)
+            if n == last and nudged and not ce:  # MSE: dt·β(y − s_out) outside σ
+                new = add_nudge(new, self.nudge(state, target), self.dt * beta)
             new_state.append(new)
         return tuple(new_state)
 
@@ -121,7 +154,8 @@ class PrototypicalNet(EnergyModel):
     def ep_contrast(self, x: Tensor, free: State, nudged: State) -> Tensor:
         """Σ_batch [Φ(s*) − Φ(s^β)] in the bilinear form Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ (see ``bilinear_contrast``)."""
         x = x.flatten(1).to(free[0].dtype)
-        return bilinear_contrast(self.synapses, (x, *free), (x, *nudged))
+        return bilinear_contrast(self.synapses[: self.n_dynamic], (x, *free), (x, *nudged))
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
+        """One group per synapse, input → output (with ``readout='ce'`` the last group is the read-out)."""
         return [list(synapse.parameters()) for synapse in self.synapses]

@@ -1,0 +1,30 @@
+"""The nudging strength β as a float (one β for the batch) or a per-sample tensor (symmetric nudging relaxes the
++β and −β phases as one doubled batch, β = (+β, …, +β, −β, …, −β)).
+
+Every model's ``step`` adds its nudge through :func:`add_nudge`, so both forms work everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: β: a float for the whole batch, or a tensor with one entry per sample, shaped (batch,) or (batch, 1).
+Beta = float | Tensor
+
+
+def is_nudged(beta: Beta) -> bool:
+    """True unless β is the float 0 (a per-sample tensor always counts as nudged; entries may be zero)."""
+    return isinstance(beta, Tensor) or beta != 0.0
+
+
+def add_nudge(h: Tensor, nudge: Tensor, coefficient: Beta) -> Tensor:
+    """h + c·nudge, with c a float or a per-sample tensor broadcast over the units of the layer (any layer shape).
+
+    A float keeps the fused ``torch.add(h, nudge, alpha=c)``; a tensor c of shape (batch,) or (batch, 1) is reshaped
+    to (batch, 1, …, 1) so it also fits 4-d convolutional layers.
+    """
+    if isinstance(coefficient, Tensor):
+        c = coefficient.reshape(coefficient.shape[0], *([1] * (h.dim() - 1))).to(h.dtype)
+        return h + c * nudge
+    return torch.add(h, nudge, alpha=coefficient)
