@@ -91,23 +91,72 @@ class RelaxationTrace:
         return torch.stack(self._outputs) if self._outputs else torch.empty(0, 0, 0)
 
 
+class StoppingRule:
+    """Adaptive relaxation: stop as soon as the state has settled (pass it as ``relax(..., stop=...)``).
+
+    After every ``check_every``-th step t, ``relax`` measures the largest per-sample, per-layer residual
+
+        r_t = max_l max_i ‖s^l_t(i) − s^l_{t−1}(i)‖         (Euclidean norm over the units of layer l of sample i,
+                                                             the quantity ``RelaxationTrace.sample_residuals`` holds)
+
+    and stops if r_t < ``tolerance``; ``steps`` (the maximum) bounds the relaxation either way. Checking every
+    ``check_every`` steps bounds the host synchronisations (one per check). After ``relax`` returns, ``steps_run``,
+    ``converged`` and ``residual`` (the last r_t measured; NaN if none was) describe what happened.
+    """
+
+    def __init__(self, tolerance: float, check_every: int = 1) -> None:
+        """
+        Args:
+            tolerance: stop once r_t < tolerance (> 0).
+            check_every: measure r_t every this many steps (≥ 1).
+        """
+        if not 0.0 < float(tolerance) < float("inf"):
+            raise ValueError(f"tolerance={tolerance} is invalid: use a finite residual > 0 (e.g. 1e-4)")
+        if int(check_every) != check_every or check_every < 1:
+            raise ValueError(f"check_every={check_every} is invalid: use an integer ≥ 1 (steps between checks)")
+        self.tolerance = float(tolerance)
+        self.check_every = int(check_every)
+        self.steps_run = 0
+        self.converged = False
+        self.residual = float("nan")
+
+    def settled(self, before: State, after: State) -> bool:
+        """Measure r_t for the step ``before`` → ``after`` (one host sync) and compare it with the tolerance."""
+        with torch.no_grad():
+            r = torch.stack([(a - b).flatten(1).norm(dim=1).max() for a, b in zip(after, before)]).max()
+        self.residual = float(r)
+        return self.residual < self.tolerance
+
+
 def relax(
     model: EnergyModel,
     drive: Any,
     state: State,
     steps: int,
-    beta: float = 0.0,
+    beta: float | Tensor = 0.0,
     target: Tensor | None = None,
     trace: RelaxationTrace | None = None,
+    stop: StoppingRule | None = None,
 ) -> State:
     """Iterate s_{t+1} = step(s_t) ``steps`` times (free phase for β = 0, nudged phase otherwise).
 
+    β may be a float or a per-sample tensor (symmetric nudging relaxes +β and −β as one doubled batch).
+    With ``stop`` (adaptive relaxation) the loop ends early once the residual falls under its tolerance, checked
+    every ``stop.check_every`` steps; ``stop.steps_run`` then holds the number of steps taken.
     Builds an autograd graph only if called with grad enabled and a parameter or input requires grad
     (the BPTT path); the EP phases call it under ``torch.no_grad()``.
     """
-    for _ in range(steps):
+    if stop is not None:
+        stop.steps_run, stop.converged, stop.residual = 0, False, float("nan")
+    for t in range(1, steps + 1):
         new_state = model.step(state, drive, beta, target)
         if trace is not None:
             trace.record(state, new_state)
+        settled = stop is not None and t % stop.check_every == 0 and stop.settled(state, new_state)
         state = new_state
+        if stop is not None:
+            stop.steps_run = t
+            if settled:
+                stop.converged = True
+                break
     return state
