@@ -93,22 +93,30 @@ def load_idx(raw_dir: Path, stem: str, verify: bool) -> Tensor:
 
 
 class TensorPairDataset(Dataset):
-    """(images, labels) held as tensors; ``__getitems__`` returns a whole batch in one indexing operation."""
+    """(images, labels) held as tensors; ``__getitems__`` returns a whole batch in one indexing operation.
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
+    With ``return_index`` every item also carries its index in this dataset: (images, labels, indices).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, return_index: bool = False) -> None:
         if images.shape[0] != labels.shape[0]:
             raise DataFileError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         self.images = images
         self.labels = labels
+        self.return_index = bool(return_index)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        if self.return_index:
+            return self.images[index], self.labels[index], torch.tensor(index, device=self.labels.device)
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
         idx = torch.as_tensor(indices, device=self.labels.device)
+        if self.return_index:
+            return self.images[idx], self.labels[idx], idx
         return self.images[idx], self.labels[idx]
 
 
@@ -195,7 +203,8 @@ def shuffle_seed() -> int:
 class MNISTDataModule(L.LightningDataModule):
     """MNIST from IDX files, offline, with a seeded validation split and optional device-resident tensors.
 
-    Batches are ``(images, labels)``: float32 images (B, 1, 28, 28) in [0, 1] and int64 labels (B,).
+    Batches are ``(images, labels)``: float32 images (B, 1, 28, 28) in [0, 1] and int64 labels (B,); with
+    ``return_index`` training batches are ``(images, labels, indices)``.
     """
 
     def __init__(
@@ -212,6 +221,7 @@ class MNISTDataModule(L.LightningDataModule):
         device_resident: bool = False,
         num_workers: int = 0,
         download: bool = False,
+        return_index: bool = False,
     ) -> None:
         """
         Args:
@@ -227,6 +237,9 @@ class MNISTDataModule(L.LightningDataModule):
             device_resident: keep the whole dataset on the training device; batches are sliced there, no copies.
             num_workers: DataLoader workers (0 is fastest for in-memory tensors).
             download: if files are missing, fetch them with torchvision (needs torchvision and network).
+            return_index: training batches are ``(images, labels, indices)`` with each sample's int64 index in the
+                training set (stable across epochs; needed by ``warm_start``); validation/test/predict batches stay
+                ``(images, labels)``.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -270,7 +283,7 @@ class MNISTDataModule(L.LightningDataModule):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
             train_idx, val_idx = perm[val:].sort().values, perm[:val].sort().values
             train_idx = self._subset(train_idx, self.hparams.train_subset, "train_subset")
-            self.train_set = self._make(images[train_idx], labels[train_idx])
+            self.train_set = self._make(images[train_idx], labels[train_idx], self.hparams.return_index)
             self.val_set = self._make(images[val_idx], labels[val_idx]) if val > 0 else None
         if stage in ("test", "predict", None) and self.test_set is None:
             images, labels = self._load("test")
@@ -336,12 +349,12 @@ class MNISTDataModule(L.LightningDataModule):
             raise ValueError(f"data.{field}={size} is impossible: only {idx.shape[0]} images are available")
         return idx[:size]
 
-    def _make(self, images: Tensor, labels: Tensor) -> TensorPairDataset:
+    def _make(self, images: Tensor, labels: Tensor, return_index: bool = False) -> TensorPairDataset:
         x = to_float_images(images)
         if self.hparams.device_resident and self.trainer is not None:
             device = self.trainer.strategy.root_device
             x, labels = x.to(device), labels.to(device)
-        return TensorPairDataset(x, labels)
+        return TensorPairDataset(x, labels, return_index)
 
     def _loader(self, dataset: TensorPairDataset, batch_size: int, shuffle: bool) -> DataLoader:
         on_device = dataset.labels.device.type != "cpu"

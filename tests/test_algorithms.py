@@ -42,14 +42,22 @@ def test_bptt_gradient_matches_naive_unrolled_computation() -> None:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def _ep_vs_bptt_relative_error(model, x, y, T: int, K: int, beta: float) -> float:
-    """‖∇ L_EP − ∇ L_BPTT‖ / ‖∇ L_BPTT‖ over all parameters, for a converged free phase."""
+def _ep_vs_bptt_relative_error(model, x, y, T: int, K: int, beta: float, nudging: str = "one_sided") -> float:
+    """‖∇ L_EP − ∇ L_BPTT‖ / ‖∇ L_BPTT‖ over all parameters, for a converged free phase.
+
+    ``nudging='symmetric'`` takes the EP update from ``EquilibriumModule.ep_update`` (free phase, then the ±β phases
+    as one doubled batch): (1/2β)(∂Φ/∂θ(s^{+β}) − ∂Φ/∂θ(s^{−β})).
+    """
     params = list(model.parameters())
     with torch.no_grad():
         drive = model.drive(x)
         free = relax(model, drive, model.init_state(x), T)
         nudged = relax(model, drive, free, K, beta, y)
-    ep = torch.autograd.grad(ep_surrogate(model, x, free, nudged, beta), params)
+    if nudging == "symmetric":
+        module = EquilibriumModule(model, T=T, K=K, beta=beta, nudging="symmetric")
+        ep = torch.autograd.grad(module.ep_update(x, y, model.init_state(x))[0], params)
+    else:
+        ep = torch.autograd.grad(ep_surrogate(model, x, free, nudged, beta), params)
     # BPTT from the converged state: K steps with graph (T − K already converged, so starting at s* is equivalent).
     final = relax(model, model.drive(x), free, K)
     bptt = torch.autograd.grad(bptt_loss(model, final, y), params)
