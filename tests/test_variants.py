@@ -24,6 +24,7 @@ from ep_lightning.data import MNISTDataModule, load_idx, to_float_images
 from ep_lightning.dynamics import RelaxationTrace, StoppingRule, relax
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, PrototypicalNet
 from ep_lightning.models.activations import get_activation
+from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.random_sign import SignGenerator
 from ep_lightning.systems import EquilibriumModule
 from ep_lightning.systems.equilibrium import SIGN_GENERATOR_KEY, WARM_START_KEY
@@ -178,6 +179,33 @@ def test_batched_plus_minus_beta_equals_two_sequential_nudged_phases(kind: str) 
     want = grads_of(contrast + readout if readout is not None else contrast, model)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **EXACT)
+
+
+def leaves(value: object) -> list[object]:
+    """The leaves of a drive (tensors, floats, None), depth first."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in leaves(v)]
+    return [value]
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "eb1h_anchored"])
+def test_repeated_drive_equals_the_drive_of_the_doubled_batch(kind: str) -> None:
+    """``repeat_batch(model.drive(x), B)`` (what the symmetric phase uses) is ``model.drive(cat(x, x))``, leaf by leaf:
+    per-sample terms doubled, per-unit biases shared (checked also for the EB drive with an Initialized-EP anchor)."""
+    model = tiny("eb1h" if kind == "eb1h_anchored" else kind)
+    x, _, _ = tiny_batch(model)
+    if kind == "eb1h_anchored":
+        anchor = model.init_state(x)
+        repeated = repeat_batch(model.drive(x, anchor=anchor, anchor_strength=0.5), x.shape[0])
+        doubled = model.drive(torch.cat([x, x]), anchor=tuple(torch.cat([a, a]) for a in anchor), anchor_strength=0.5)
+    else:
+        repeated, doubled = repeat_batch(model.drive(x), x.shape[0]), model.drive(torch.cat([x, x]))
+    assert len(leaves(repeated)) == len(leaves(doubled))
+    for a, b in zip(leaves(repeated), leaves(doubled)):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, **EXACT)
+        else:
+            assert a == b
 
 
 # --- cross-entropy read-out ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from ep_lightning.algorithms import bptt_loss, ep_surrogate
 from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
 from ep_lightning.dynamics import RelaxationTrace, StoppingRule, relax
 from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.random_sign import SignGenerator, run_seed
 from ep_lightning.resume import catch_up_epoch_schedulers
 from ep_lightning.validation import ConfigError, check_module_fits_datamodule
@@ -233,15 +234,16 @@ class EquilibriumModule(L.LightningModule):
             nudged = relax(self.model, drive, free, self.K, self.beta if beta is None else beta, target)
         return free, nudged
 
-    def symmetric_phases(self, x: Tensor, target: Tensor, free: State) -> State:
+    def symmetric_phases(self, x: Tensor, target: Tensor, free: State, drive: Any = None) -> State:
         """Both nudged phases from s* as one relaxation of the doubled batch: states (s*; s*), input (x; x), target
-        (y; y), per-sample β = (+β, …, +β, −β, …, −β). Returns the doubled state: rows [:B] are s^{+β}, [B:] s^{−β}."""
+        (y; y), per-sample β = (+β, …, +β, −β, …, −β). Returns the doubled state: rows [:B] are s^{+β}, [B:] s^{−β}.
+        ``drive`` (the free phase's ``model.drive(x)``) is repeated, not recomputed, for the doubled batch."""
         batch = x.shape[0]
         with torch.no_grad():
             beta = torch.full((2 * batch, 1), self.beta, dtype=free[0].dtype, device=free[0].device)
             beta[batch:] = -self.beta
             start = tuple(torch.cat([s, s]) for s in free)
-            drive = self.model.drive(torch.cat([x, x]))
+            drive = repeat_batch(self.model.drive(x) if drive is None else drive, batch)  # = drive of (x; x)
             return relax(self.model, drive, start, self.K, beta, torch.cat([target, target]))
 
     def draw_beta(self) -> float:
@@ -256,7 +258,7 @@ class EquilibriumModule(L.LightningModule):
             drive = self.model.drive(x)
             free = relax(self.model, drive, start, self.T, stop=stop)
         if self.nudging == "symmetric":
-            doubled = self.symmetric_phases(x, target, free)
+            doubled = self.symmetric_phases(x, target, free, drive)
             batch = x.shape[0]
             plus, minus = tuple(s[:batch] for s in doubled), tuple(s[batch:] for s in doubled)
             # (1/2β)(∂Φ/∂θ(s^{+β}) − ∂Φ/∂θ(s^{−β})) = −∇ of mean[Φ(s^{−β}) − Φ(s^{+β})]/(2β): ep_surrogate with
