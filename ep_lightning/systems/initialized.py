@@ -29,7 +29,6 @@ residual curves from s^f against from zero come from ``ep_lightning.callbacks.in
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -43,11 +42,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ep_lightning.algorithms import ep_surrogate
 from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
-from ep_lightning.validation import check_module_fits_datamodule
 from ep_lightning.dynamics import RelaxationTrace, relax
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.initializer import FeedforwardInitializer, layer_contrast_losses
+from ep_lightning.random_sign import SignGenerator, run_seed
 from ep_lightning.systems.equilibrium import sgd
+from ep_lightning.validation import check_module_fits_datamodule
 
 #: Checkpoint key of the β-sign generator state (restored on resume so the sign sequence continues exactly).
 SIGN_GENERATOR_KEY = "iep_beta_sign_generator"
@@ -228,37 +228,6 @@ class _InitializedBase(L.LightningModule):
         return [{"params": g, "lr": lr} for g, lr in zip(params, lrs)]
 
 
-class SignGenerator:
-    """The dedicated random source of the β sign: a ``torch.Generator`` that pickles its state as bytes.
-
-    A bare ``torch.Generator`` pickles its state as a tensor, which ``torch.multiprocessing`` (``ddp_spawn``) sends
-    through shared memory that is gone when the worker unpickles it; bytes travel safely. Seeded identically on
-    every rank and drawn once per training step, it gives every rank the same sign.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-        self.generator = torch.Generator().manual_seed(self.seed)
-
-    def draw(self) -> bool:
-        """One fair coin flip (True for +β)."""
-        return bool(torch.randint(0, 2, (1,), generator=self.generator))
-
-    def get_state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"seed": self.seed, "state": self.generator.get_state().numpy().tobytes()}
-
-    def __setstate__(self, data: dict[str, Any]) -> None:
-        self.seed = data["seed"]
-        self.generator = torch.Generator()
-        self.generator.set_state(torch.frombuffer(bytearray(data["state"]), dtype=torch.uint8).clone())
-
-
 def _no_closure() -> None:
     """Manual optimization: gradients are already in place when the optimizer steps."""
 
@@ -348,10 +317,7 @@ class InitializedEP(_InitializedBase):
             xavier_init_(model)
         elif energy_init != "keep":
             raise ValueError(f"model.energy_init={energy_init!r} is not known; allowed: 'xavier', 'keep'")
-        if seed is None:
-            env = os.environ.get("PL_GLOBAL_SEED", "0")
-            seed = int(env) if env.lstrip("-").isdigit() else 0
-        self.sign_generator = SignGenerator(int(seed))
+        self.sign_generator = SignGenerator(run_seed() if seed is None else int(seed))
 
     @property
     def T(self) -> int:
