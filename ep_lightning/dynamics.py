@@ -57,8 +57,15 @@ class RelaxationTrace:
             self.states.append(tuple(s.detach() for s in after))
         if self.keep_outputs:
             if not self._outputs:
-                self._outputs.append(before[-1][: self.keep_outputs].detach().flatten(1).clone())
-            self._outputs.append(after[-1][: self.keep_outputs].detach().flatten(1).clone())
+                self._outputs.append(self._output(before))
+            self._outputs.append(self._output(after))
+
+    def _output(self, state: State) -> Tensor:
+        """The model's prediction (``model.output``: a CE read-out's logits) for the first ``keep_outputs`` samples;
+        the last state layer without a model."""
+        head = tuple(s[: self.keep_outputs] for s in state)
+        out = self.model.output(head) if self.model is not None else head[-1]
+        return out.detach().flatten(1).clone()
 
     @property
     def steps(self) -> int:
