@@ -94,6 +94,22 @@ def get_activation(name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Ten
     return ACTIVATIONS[name]
 
 
+def activation_and_derivative(name: str, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(σ(x), σ'(x)) computed together, reusing σ(x) for σ' (e.g. σ' = 4σ(1 − σ) for the paper's sigmoid)."""
+    if name == "sigmoid":
+        value = torch.mul(x, 4.0).sub_(2.0).sigmoid_()
+        return value, torch.addcmul(value, value, value, value=-1.0).mul_(4.0)
+    if name == "hard_sigmoid":
+        value = x.clamp(0.0, 1.0)
+        return value, (value == x).to(x.dtype)  # 1 on [0, 1] (kinks included), 0 outside
+    if name == "tanh":
+        value = torch.tanh(x)
+        return value, 1.0 - value * value
+    if name == "identity":
+        return x, torch.ones_like(x)
+    raise ValueError(f"activation={name!r} is not known; allowed: {', '.join(sorted(ACTIVATIONS))}")
+
+
 def get_fused_activation(name: str) -> FusedActivation:
     """The (a, c, g_) form of σ for a config name (see ``FusedActivation``)."""
     get_activation(name)  # validates the name

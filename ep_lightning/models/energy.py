@@ -12,7 +12,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from ep_lightning.models.activations import ActivationName, get_activation
+from ep_lightning.models.activations import ActivationName, activation_and_derivative, get_activation
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.layered import bilinear_contrast
 from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
@@ -96,24 +96,26 @@ class EnergyBasedNet(EnergyModel):
             anchor = tuple(a.detach() for a in anchor)
         return EnergyDrive(self.synapses[0](self.rho(x.flatten(1))), anchor, float(anchor_strength))
 
-    def energy_gradient(self, state: State, drive: EnergyDrive) -> list[Tensor]:
-        """∂E/∂h for every layer (plus λ(h − s^f) with an anchor), in closed form."""
-        rho_state = [self.rho(h) for h in state]
-        last = len(state) - 1
-        grads = []
-        for n, h in enumerate(state):
-            pre = drive.input if n == 0 else self.synapses[n](rho_state[n - 1])
-            if n < last:
-                pre = pre + rho_state[n + 1] @ self.synapses[n + 1].weight
-            grad = h - self.rho_prime(h) * pre
-            if drive.anchor is not None and drive.anchor_strength:
-                grad = grad + drive.anchor_strength * (h - drive.anchor[n])
-            grads.append(grad)
-        return grads
-
     def step(self, state: State, drive: EnergyDrive, beta: Beta = 0.0, target: Tensor | None = None) -> State:
-        grads = self.energy_gradient(state, drive)
-        new_state = [h - self.eps * g for h, g in zip(state, grads)]
+        """h ← clamp(h − ε ∂E/∂h [− ελ(h − s^f)] [+ εβ·2c(y − h_out)]), all layers from the old state, with
+        ∂E/∂h_{n+1} = h_{n+1} − ρ'(h_{n+1}) ⊙ (W_n ρ(h_n) + b_n + W_{n+1}ᵀ ρ(h_{n+2})), built as
+        h + ε ρ'(h) ⊙ pre − ε h (one addmm, one addmm_, one addcmul per layer)."""
+        rho, rho_prime = zip(*(activation_and_derivative(self.activation_name, h) for h in state))
+        eps, last = self.eps, len(state) - 1
+        anchored = drive.anchor is not None and drive.anchor_strength != 0.0
+        new_state = []
+        for n, h in enumerate(state):
+            if n == 0:
+                pre = drive.input if n == last else torch.addmm(drive.input, rho[1], self.synapses[1].weight)
+            else:
+                synapse = self.synapses[n]
+                pre = torch.addmm(synapse.bias, rho[n - 1], synapse.weight.T)
+                if n < last:
+                    pre.addmm_(rho[n + 1], self.synapses[n + 1].weight)
+            new = torch.addcmul(h, rho_prime[n], pre, value=eps).sub_(h, alpha=eps)
+            if anchored:
+                new.sub_(h - drive.anchor[n], alpha=eps * drive.anchor_strength)
+            new_state.append(new)
         if is_nudged(beta):
             assert target is not None, "a nudged step needs a target"
             new_state[-1] = add_nudge(new_state[-1], self.nudge(state, target), self.eps * beta)
