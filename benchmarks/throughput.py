@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ep_lightning.cli import cli_main, configure_threads  # noqa: E402
+from ep_lightning.cli import cli_main, configure_threads
 
 
 class BatchTimer(L.Callback):

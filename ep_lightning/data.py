@@ -369,7 +369,7 @@ class MNISTDataModule(L.LightningDataModule):
 
     def _download(self) -> None:
         try:
-            from torchvision import datasets  # noqa: PLC0415 (optional dependency)
+            from torchvision import datasets
         except Exception as err:  # torchvision missing or unusable next to a CPU torch build
             raise DataFileError(
                 f"data files are missing in {self.raw_dir} and data.download=true needs torchvision, which could not "

@@ -20,8 +20,9 @@ and ``dynamics.relax``: no second relaxation loop, no second Φ.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import lightning as L
 import torch
@@ -33,18 +34,18 @@ from ep_lightning.models.base import EnergyModel, State
 
 __all__ = [
     "GDUResult",
-    "ep_updates",
+    "average_metrics",
     "bptt_gradients",
-    "gdu_check",
-    "gdu_settings",
+    "cosine_similarity",
     "energy_model_of",
+    "ep_updates",
+    "gdu_check",
+    "gdu_curves_figure",
+    "gdu_metrics",
+    "gdu_rmse_figure",
+    "gdu_settings",
     "normalized_rmse",
     "sign_agreement",
-    "cosine_similarity",
-    "gdu_metrics",
-    "average_metrics",
-    "gdu_curves_figure",
-    "gdu_rmse_figure",
 ]
 
 
@@ -209,14 +210,14 @@ def gdu_check(
 def gdu_settings(module: L.LightningModule, T: int | None, K: int | None, beta: float | None) -> tuple[int, int, float]:
     """(T, K, β) for the check: the given values, else the LightningModule's own ``T``, ``K``, ``beta``."""
     values = {"T": T, "K": K, "beta": beta}
-    for field in values:
-        if values[field] is None:
-            if not hasattr(module, field):
+    for key in values:
+        if values[key] is None:
+            if not hasattr(module, key):
                 raise ValueError(
-                    f"gdu: {field} is not given and {type(module).__name__} has no attribute {field!r}; "
-                    f"pass --{field}"
+                    f"gdu: {key} is not given and {type(module).__name__} has no attribute {key!r}; "
+                    f"pass --{key}"
                 )
-            values[field] = getattr(module, field)
+            values[key] = getattr(module, key)
     return int(values["T"]), int(values["K"]), float(values["beta"])
 
 

@@ -16,7 +16,7 @@ def naive_p1h_bptt_grads(model: PrototypicalNet, x: torch.Tensor, y: torch.Tenso
     in plain torch with autograd (independent of model.step / relax)."""
     W1, b1 = model.synapses[0].weight, model.synapses[0].bias
     W0, b0 = model.synapses[1].weight, model.synapses[1].bias
-    sig = lambda z: torch.sigmoid(4 * (z - 0.5))  # noqa: E731  the paper's σ
+    sig = lambda z: torch.sigmoid(4 * (z - 0.5))
     h = torch.zeros(x.shape[0], W1.shape[0], dtype=x.dtype)
     o = torch.zeros(x.shape[0], W0.shape[0], dtype=x.dtype)
     for t in range(T):

@@ -72,7 +72,7 @@ class TinyConvNet(EnergyModel):
 
     def step(self, state: State, drive: Tensor, beta: float = 0.0, target: Tensor | None = None) -> State:
         h, o = state
-        sigma = lambda v: torch.sigmoid(4 * (v - 0.5))  # noqa: E731
+        sigma = lambda v: torch.sigmoid(4 * (v - 0.5))
         new_h = sigma(drive + (o @ self.fc.weight).view_as(h))
         new_o = sigma(self.fc(h.flatten(1)))
         if beta:

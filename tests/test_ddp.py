@@ -36,7 +36,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from torch.multiprocessing.spawn import ProcessExitedException
 from torch.utils.data import DataLoader
 
 from ep_lightning.systems import EquilibriumModule

@@ -5,8 +5,8 @@ from ep_lightning.models.conv import ConvPrototypicalNet
 from ep_lightning.models.energy import EnergyBasedNet, EnergyDrive
 from ep_lightning.models.prototypical import PrototypicalNet
 
-__all__ = ["EnergyModel", "State", "PrototypicalNet", "EnergyBasedNet", "EnergyDrive", "ConvPrototypicalNet"]
+__all__ = ["ConvPrototypicalNet", "EnergyBasedNet", "EnergyDrive", "EnergyModel", "PrototypicalNet", "State"]
 
-from ep_lightning.models.initializer import FeedforwardInitializer  # noqa: E402  (Initialized EP's f_φ)
+from ep_lightning.models.initializer import FeedforwardInitializer
 
 __all__ += ["FeedforwardInitializer"]

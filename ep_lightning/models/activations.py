@@ -10,7 +10,8 @@ Names are the ones accepted in configs (`activation: sigmoid`):
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor

@@ -7,7 +7,7 @@ term s_{i+1} · P(conv(s_i)), with the argmax taken at the *current* s_i.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,8 @@ c = 1, for the equilibrating network of Initialized EP (O'Connor et al. 2019).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn

@@ -13,7 +13,8 @@ Default sizes 5 → 50 → 10, random input and a random one-hot target, batch 1
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor

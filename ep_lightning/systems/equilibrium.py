@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -121,7 +122,7 @@ class EquilibriumModule(L.LightningModule):
         )
         self.warm_states = PersistentStates() if self.warm_start else None
         self.free_steps = MeanMetric()
-        metric = lambda: MulticlassAccuracy(num_classes=model.num_classes, average="micro", validate_args=False)  # noqa: E731
+        metric = lambda: MulticlassAccuracy(num_classes=model.num_classes, average="micro", validate_args=False)
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
         self.train_loss = MeanMetric()
         #: Show the running training loss in the progress bar every N steps (logging per step is costly).
