@@ -280,12 +280,15 @@ class EquilibriumModule(L.LightningModule):
 
     def bptt_forward(self, x: Tensor, start: State | None = None) -> tuple[State, State]:
         """T − K steps without graph, then K steps with graph; returns (state at T − K, state at T)."""
-        start, _ = self._bptt_prefix(x, start if start is not None else self.model.init_state(x), None)
-        return start, relax(self.model, self.model.drive(x), start, self.K)
+        drive = self.model.drive(x)
+        start, _ = self._bptt_prefix(drive, start if start is not None else self.model.init_state(x), None)
+        return start, relax(self.model, drive, start, self.K)
 
-    def _bptt_prefix(self, x: Tensor, start: State, stop: StoppingRule | None) -> tuple[State, int]:
+    def _bptt_prefix(self, drive: Any, start: State, stop: StoppingRule | None) -> tuple[State, int]:
+        """The T − K steps before the back-propagated window, under no_grad; ``drive`` is the batch's one input
+        drive (computed with graph for the last K steps; no graph is recorded here)."""
         with torch.no_grad():
-            state = relax(self.model, self.model.drive(x), start, self.T - self.K, stop=stop)
+            state = relax(self.model, drive, start, self.T - self.K, stop=stop)
         return state, stop.steps_run if stop is not None else self.T - self.K
 
     @staticmethod
@@ -307,8 +310,9 @@ class EquilibriumModule(L.LightningModule):
             output = self.model.output(free)
             loss = self.model.cost(free, target).mean()
         else:
-            prefix, steps = self._bptt_prefix(x, start, self._stopping_rule())
-            free = relax(self.model, self.model.drive(x), prefix, self.K)
+            drive = self.model.drive(x)  # once per batch, with graph: the K back-propagated steps need it
+            prefix, steps = self._bptt_prefix(drive, start, self._stopping_rule())
+            free = relax(self.model, drive, prefix, self.K)
             steps += self.K
             update_loss = bptt_loss(self.model, free, target)
             output = self.model.output(free).detach()
