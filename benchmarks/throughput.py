@@ -23,7 +23,8 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ep_lightning.cli import cli_main, configure_threads
+from ep_lightning.cli import cli_main
+from ep_lightning.runtime import configure_threads, tune_allocator
 
 
 class BatchTimer(L.Callback):
@@ -103,10 +104,12 @@ def main() -> None:
     parser.add_argument("--eval_batches", type=int, default=5, help="timed evaluation batches (eval_batch_size each)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no_malloc_tuning", action="store_true", help="leave glibc's allocator thresholds as they are")
     parser.add_argument("--set", nargs="*", default=[], help="extra CLI overrides key=value, e.g. model.init_args.T=40")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the CLI below gets its arguments explicitly
     configure_threads(args.threads)
+    malloc_tuned = not args.no_malloc_tuning and tune_allocator()
 
     overrides = []
     for item in args.set:
@@ -119,7 +122,8 @@ def main() -> None:
          "--trainer.accelerator", args.device, "--trainer.callbacks", "[]", "--trainer.max_epochs", "1",
          "--trainer.limit_train_batches", str(train_batches), "--trainer.limit_val_batches", "0",
          "--trainer.limit_test_batches", str(args.eval_batches + 1),
-         "--trainer.default_root_dir", "/tmp/ep_benchmark", "--threads", str(torch.get_num_threads()), *overrides],
+         "--trainer.default_root_dir", "/tmp/ep_benchmark", "--threads", str(torch.get_num_threads()),
+         "--malloc_tuning", str(malloc_tuned).lower(), *overrides],
         run=False,
     )
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
@@ -170,6 +174,7 @@ def main() -> None:
         "peak_mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "process max RSS",
         "activation_mb": round(act_mb, 3),
         "device": args.device,
+        "malloc_tuning": malloc_tuned,
         **machine(),
     }
     print(f"{args.config}: train {train_rate:,.0f} samples/s ({60000 / train_rate:.1f} s/epoch), "

@@ -6,32 +6,17 @@ import os
 import sys
 
 import lightning as L
-import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ep_lightning.callbacks.divergence import DivergenceError
 from ep_lightning.data import MNISTDataModule
+from ep_lightning.runtime import configure_threads, tune_allocator
 from ep_lightning.trainer import EPTrainer
 from ep_lightning.validation import user_error
 
-#: Default intra-op threads on CPU. Relaxation of small batches is a chain of small matrix products: on the
-#: 2-core CI machine kind two OpenMP threads ran EP up to 10× slower than one under load (benchmarks/threads.py).
-DEFAULT_THREADS = 1
-
-
-def configure_threads(threads: int | None) -> int:
-    """Set torch's intra-op thread count: ``threads`` if given, else $OMP_NUM_THREADS, else DEFAULT_THREADS."""
-    if threads is None:
-        env = os.environ.get("OMP_NUM_THREADS")
-        threads = int(env) if env and env.isdigit() else DEFAULT_THREADS
-    if threads < 1:
-        raise ValueError(f"threads={threads} is invalid: use a positive number of CPU threads")
-    torch.set_num_threads(threads)
-    return threads
-
 
 class EPLightningCLI(LightningCLI):
-    """LightningCLI with two extra options: ``--threads`` and ``--test_after_fit`` (test the final weights)."""
+    """LightningCLI with three extra options: ``--threads``, ``--malloc_tuning`` and ``--test_after_fit``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -39,6 +24,13 @@ class EPLightningCLI(LightningCLI):
             type=int | None,
             default=None,
             help="CPU threads for torch (default: $OMP_NUM_THREADS, else 1; see README 'Performance').",
+        )
+        parser.add_argument(
+            "--malloc_tuning",
+            type=bool,
+            default=True,
+            help="Keep freed CPU tensors in the heap (glibc mallopt; ep_lightning.runtime.tune_allocator): "
+            "~25 %% faster small-batch EP on CPU, numerics unchanged.",
         )
         parser.add_argument(
             "--test_after_fit",
@@ -55,6 +47,8 @@ class EPLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         configure_threads(config.get("threads"))
+        if config.get("malloc_tuning", True):
+            tune_allocator()
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]

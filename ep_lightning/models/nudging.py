@@ -35,13 +35,17 @@ def add_nudge(h: Tensor, nudge: Tensor, coefficient: Beta) -> Tensor:
 def repeat_batch(value: Any, batch: int, times: int = 2) -> Any:
     """``value`` for the batch repeated ``times`` times along dim 0, without recomputing it: every tensor with at least
     2 dims whose first dim is ``batch`` (a per-sample term: W x, P(conv(x)), a state) is concatenated ``times`` times;
-    everything else (1-d per-unit biases, floats, None) is shared. Walks tuples, lists and NamedTuples (a drive).
+    everything else (1-d per-unit biases, floats, None) is shared, as are the fields a NamedTuple names in its
+    ``SHARED_FIELDS`` (weights). Walks tuples, lists and NamedTuples (a drive).
     Equals ``model.drive(torch.cat([x] * times))`` for this package's models (tested) at a fraction of the cost.
     """
     if isinstance(value, Tensor):
         return torch.cat([value] * times) if value.dim() >= 2 and value.shape[0] == batch else value
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
-        return type(value)(*(repeat_batch(v, batch, times) for v in value))
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple; SHARED_FIELDS are never repeated
+        shared = getattr(value, "SHARED_FIELDS", ())
+        return type(value)(
+            *(v if name in shared else repeat_batch(v, batch, times) for name, v in zip(value._fields, value))
+        )
     if isinstance(value, (tuple, list)):
         return type(value)(repeat_batch(v, batch, times) for v in value)
     return value

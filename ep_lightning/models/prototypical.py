@@ -17,11 +17,16 @@ from ep_lightning.models.readout import ReadoutName, SoftmaxReadoutMixin, check_
 
 
 class PrototypicalDrive(NamedTuple):
-    """Per-batch constants of the P dynamics with σ(z) = g(a z + c): ``first`` = a(W_0 x + b_0) + c and
-    ``biases[n-1]`` = a b_n + c for the layers above the first."""
+    """Per-batch constants of the P dynamics with σ(z) = g(a z + c): ``first`` = a(W_0 x + b_0) + c,
+    ``biases[n-1]`` = a b_n + c for the layers above the first, and ``weights`` = (W_1, …, W_L), the synapses above
+    the input as used by ``step`` (read once per batch instead of through the module tree at every step).
+    Only ``first`` depends on the sample (``SHARED_FIELDS`` tells ``repeat_batch`` not to repeat the others)."""
 
     first: Tensor
     biases: tuple[Tensor, ...]
+    weights: tuple[Tensor, ...] = ()
+
+    SHARED_FIELDS = ("biases", "weights")
 
 
 class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
@@ -106,38 +111,49 @@ class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         return super().state_names()
 
     def drive(self, x: Tensor) -> PrototypicalDrive:
-        """Constant terms: a(W_0 x + b_0) + c for the first layer, a b_n + c for the others (σ(z) = g(az + c))."""
+        """Constant terms: a(W_0 x + b_0) + c for the first layer, a b_n + c for the others (σ(z) = g(az + c)),
+        and the weights W_1 … W_L the steps multiply by."""
         a, c, _ = self.fused
-        first = self.synapses[0]
-        biases = tuple(syn.bias * a + c for syn in self.synapses[1 : self.n_dynamic])
-        return PrototypicalDrive(torch.addmm(first.bias * a + c, x.flatten(1), first.weight.T, alpha=a), biases)
+        first, *above = self.synapses
+        biases = tuple(syn.bias * a + c for syn in above[: self.n_dynamic - 1])
+        weights = tuple(syn.weight for syn in above[: self.n_dynamic])
+        return PrototypicalDrive(torch.addmm(first.bias * a + c, x.flatten(1), first.weight.T, alpha=a), biases, weights)
 
     def step(self, state: State, drive: PrototypicalDrive, beta: Beta = 0.0, target: Tensor | None = None) -> State:
+        """h_{n+1} ← σ(W_n h_n + b_n + W_{n+1}ᵀ h_{n+2}) for every layer from the old state (dt = 1), leaky with dt,
+        plus the nudge on the output layer; pre-activations built in place as a(…) + c with addmm/addmm_."""
         a, _, activate = self.fused
-        last = len(state) - 1
-        nudged = is_nudged(beta)
-        if nudged:
-            assert target is not None, "a nudged step needs a target"
-        ce = self.readout == "ce"
+        weights, last = drive.weights, len(state) - 1
         new_state = []
         for n, h in enumerate(state):
-            # pre = a·∂Φ/∂h + c, built in place: a(W_n h_n + b_n) + c, then + a W_{n+1}ᵀ h_{n+2}.
-            if n == 0:
-                pre = (
-                    torch.addmm(drive.first, state[1], self.synapses[1].weight, alpha=a)
-                    if n < last
-                    else drive.first.clone()
-                )
-            else:
-                pre = torch.addmm(drive.biases[n - 1], state[n - 1], self.synapses[n].weight.T, alpha=a)
+            if n == 0:  # a(W_0 x + b_0) + c [+ a W_1ᵀ h_2]
+                pre = torch.addmm(drive.first, state[1], weights[0], alpha=a) if last else drive.first.clone()
+            else:  # a(W_n h_n + b_n) + c [+ a W_{n+1}ᵀ h_{n+2}]
+                pre = torch.addmm(drive.biases[n - 1], state[n - 1], weights[n - 1].T, alpha=a)
                 if n < last:
-                    pre.addmm_(state[n + 1], self.synapses[n + 1].weight, alpha=a)
-            if n == last and nudged and ce:  # CE: a(∂Φ/∂h_L + β·nudge) + c, the nudge inside σ
-                pre = add_nudge(pre, self.nudge(state, target), a * beta)
-            new = activate(pre) if activate is not None else pre  # σ(∂Φ/∂h)
+                    pre.addmm_(state[n + 1], weights[n], alpha=a)
+            new_state.append(pre)
+        if is_nudged(beta):
+            return self._nudged_output(state, new_state, beta, target)
+        for n, pre in enumerate(new_state):
+            new = activate(pre) if activate is not None else pre  # σ(∂Φ/∂h), in place
+            new_state[n] = torch.lerp(state[n], new, self.dt) if self.dt != 1.0 else new  # h + dt(σ(∂Φ/∂h) − h)
+        return tuple(new_state)
+
+    def _nudged_output(self, state: State, pre: list[Tensor], beta: Beta, target: Tensor | None) -> State:
+        """The activation and leak of a nudged step, with the nudge on the last layer: for ``ce`` inside σ,
+        a(∂Φ/∂h_L + β·nudge) + c; for ``mse`` outside σ, + dt·β(y − s_out)."""
+        assert target is not None, "a nudged step needs a target"
+        a, _, activate = self.fused
+        last, ce = len(state) - 1, self.readout == "ce"
+        new_state = []
+        for n, p in enumerate(pre):
+            if n == last and ce:
+                p = add_nudge(p, self.nudge(state, target), a * beta)
+            new = activate(p) if activate is not None else p
             if self.dt != 1.0:
-                new = torch.lerp(h, new, self.dt)  # h + dt(σ(∂Φ/∂h) − h)
-            if n == last and nudged and not ce:  # MSE: dt·β(y − s_out) outside σ
+                new = torch.lerp(state[n], new, self.dt)
+            if n == last and not ce:
                 new = add_nudge(new, self.nudge(state, target), self.dt * beta)
             new_state.append(new)
         return tuple(new_state)

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ep_lightning.algorithms import bptt_loss, ep_surrogate
 from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
 from ep_lightning.dynamics import RelaxationTrace, StoppingRule, relax
+from ep_lightning.metrics import EpochTotals
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.random_sign import SignGenerator, run_seed
@@ -123,8 +124,8 @@ class EquilibriumModule(L.LightningModule):
         self.warm_states = PersistentStates() if self.warm_start else None
         self.free_steps = MeanMetric()
         metric = lambda: MulticlassAccuracy(num_classes=model.num_classes, average="micro", validate_args=False)
-        self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
-        self.train_loss = MeanMetric()
+        self.val_acc, self.test_acc = metric(), metric()
+        self.train_totals = EpochTotals()
         #: Show the running training loss in the progress bar every N steps (logging per step is costly).
         self.progress_every_n_steps = 50
 
@@ -324,10 +325,9 @@ class EquilibriumModule(L.LightningModule):
         optimizer.step()
         if self.warm_states is not None:
             self.warm_states.store(index, free)  # after the guard: a diverged state is never reused
-        # Metrics accumulate on the device and are logged (and synced across ranks) once per epoch: a `self.log`
-        # per step costs more than the whole P-1h relaxation.
-        self.train_loss.update(loss, weight=x.shape[0])
-        self.train_acc.update(output.argmax(dim=1), labels)
+        # Metrics accumulate on the device and are logged (and summed across ranks) once per epoch: a `self.log` per
+        # step costs more than the whole P-1h relaxation, a torchmetrics update ~0.1 ms (EpochTotals: ~10 µs).
+        self.train_totals.update(loss, output.argmax(dim=1) == labels)
         if self.free_tolerance is not None:
             self.free_steps.update(torch.tensor(float(steps), device=x.device))
         if batch_idx % self.progress_every_n_steps == 0:
@@ -335,8 +335,11 @@ class EquilibriumModule(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/loss", self.train_loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, prog_bar=True)
+        means = self.train_totals.compute(self.trainer.strategy)
+        if means is not None:
+            self.log("train/loss", means["loss"], prog_bar=True)
+            self.log("train/acc", means["acc"], prog_bar=True)
+        self.train_totals.reset()
         if self.free_tolerance is not None:
             self.log("train/free_steps", self.free_steps)
         scheduler = self.lr_schedulers()
