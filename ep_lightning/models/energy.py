@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ep_lightning.models.activations import ActivationName, activation_and_derivative, get_activation
+from ep_lightning.models.activations import ActivationName, activation_and_scaled_derivative, get_activation
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.layered import bilinear_contrast
 from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
@@ -23,12 +23,18 @@ class EnergyDrive(NamedTuple):
     """Constant terms of the EB dynamics for one batch.
 
     ``input``: W_0 ρ(x) + b_0 (drive of the first layer). ``anchor``/``anchor_strength``: optional s^f and λ of the
-    Initialized-EP energy E^λ = E + (λ/2)Σ_n‖s_n − s^f_n‖² (``None``/0 for plain EP).
+    Initialized-EP energy E^λ = E + (λ/2)Σ_n‖s_n − s^f_n‖² (``None``/0 for plain EP). ``weights``/``biases``:
+    (W_1, …, W_L) and (b_1, …, b_L), read once per batch for ``step`` (shared by all samples: ``repeat_batch``
+    does not double them).
     """
 
     input: Tensor
     anchor: State | None = None
     anchor_strength: float = 0.0
+    weights: tuple[Tensor, ...] = ()
+    biases: tuple[Tensor, ...] = ()
+
+    SHARED_FIELDS = ("weights", "biases")
 
 
 class EnergyBasedNet(EnergyModel):
@@ -95,33 +101,36 @@ class EnergyBasedNet(EnergyModel):
         """W_0 ρ(x) + b_0, plus the optional Initialized-EP anchor s^f with strength λ."""
         if anchor is not None:
             anchor = tuple(a.detach() for a in anchor)
-        return EnergyDrive(self.synapses[0](self.rho(x.flatten(1))), anchor, float(anchor_strength))
+        first, *above = self.synapses
+        weights, biases = tuple(syn.weight for syn in above), tuple(syn.bias for syn in above)
+        return EnergyDrive(first(self.rho(x.flatten(1))), anchor, float(anchor_strength), weights, biases)
 
     def step(self, state: State, drive: EnergyDrive, beta: Beta = 0.0, target: Tensor | None = None) -> State:
         """h ← clamp(h − ε ∂E/∂h [− ελ(h − s^f)] [+ εβ·2c(y − h_out)]), all layers from the old state, with
         ∂E/∂h_{n+1} = h_{n+1} − ρ'(h_{n+1}) ⊙ (W_n ρ(h_n) + b_n + W_{n+1}ᵀ ρ(h_{n+2})), built as
-        h + ε ρ'(h) ⊙ pre − ε h (one addmm, one addmm_, one addcmul per layer)."""
-        rho, rho_prime = zip(*(activation_and_derivative(self.activation_name, h) for h in state))
-        eps, last = self.eps, len(state) - 1
+        h + (εk)(ρ'/k) ⊙ pre − ε h (one addmm, one addmm_, one addcmul per layer; ρ' = k·(ρ'/k), see
+        ``activation_and_scaled_derivative``)."""
+        activated = [activation_and_scaled_derivative(self.activation_name, h) for h in state]
+        weights, eps, last = drive.weights, self.eps, len(state) - 1
         anchored = drive.anchor is not None and drive.anchor_strength != 0.0
         new_state = []
         for n, h in enumerate(state):
             if n == 0:
-                pre = drive.input if n == last else torch.addmm(drive.input, rho[1], self.synapses[1].weight)
+                pre = drive.input if n == last else torch.addmm(drive.input, activated[1][0], weights[0])
             else:
-                synapse = self.synapses[n]
-                pre = torch.addmm(synapse.bias, rho[n - 1], synapse.weight.T)
+                pre = torch.addmm(drive.biases[n - 1], activated[n - 1][0], weights[n - 1].T)
                 if n < last:
-                    pre.addmm_(rho[n + 1], self.synapses[n + 1].weight)
-            new = torch.addcmul(h, rho_prime[n], pre, value=eps).sub_(h, alpha=eps)
+                    pre.addmm_(activated[n + 1][0], weights[n])
+            _, slope, scale = activated[n]
+            new = torch.addcmul(h, slope, pre, value=eps * scale).sub_(h, alpha=eps)
             if anchored:
                 new.sub_(h - drive.anchor[n], alpha=eps * drive.anchor_strength)
             new_state.append(new)
         if is_nudged(beta):
             assert target is not None, "a nudged step needs a target"
             new_state[-1] = add_nudge(new_state[-1], self.nudge(state, target), self.eps * beta)
-        if self.clamp:
-            new_state = [h.clamp(0.0, 1.0) for h in new_state]
+        if self.clamp:  # in place on the fresh tensors, unless autograd records the step (BPTT)
+            new_state = [h.clamp(0.0, 1.0) if h.requires_grad else h.clamp_(0.0, 1.0) for h in new_state]
         return tuple(new_state)
 
     def energy(self, x: Tensor, state: State) -> Tensor:
