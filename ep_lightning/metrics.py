@@ -8,34 +8,41 @@ import torch
 from torch import Tensor
 
 
-class EpochTotals:
-    """Running sums over an epoch: Σ_i ℓ_i (loss per sample), Σ_i [prediction_i = label_i] and the sample count.
+class EpochMeans:
+    """Sample-weighted epoch means of named quantities: mean_k = Σ_batches sum_k / Σ_batches count.
 
-    ``update`` costs a few small tensor operations and no host synchronisation (a torchmetrics update costs ~10×
-    more, which shows on small-batch EP steps); ``compute`` sums the totals over DDP ranks and returns
-    mean loss = Σℓ/N and accuracy = Σcorrect/N over every sample of every rank — exact, unlike a mean of rank means.
+    ``update(count, loss=Σ_i ℓ_i, correct=Σ_i [ŷ_i = y_i], …)`` adds one batch's sums with one stack and one in-place
+    add, and no host synchronisation (a ``self.log`` per step costs ~0.2 ms, a torchmetrics update ~0.1 ms: more
+    than a P-1h relaxation step budget allows). ``compute`` sums the totals over DDP ranks (``strategy.reduce``)
+    and divides by the total count: exact means over every sample of every rank, not a mean of rank means.
+    The names must be the same at every update of an epoch.
     """
 
     def __init__(self) -> None:
-        self.sums: Tensor | None = None  # (Σ loss·n, Σ correct)
+        self.names: tuple[str, ...] = ()
+        self.sums: Tensor | None = None
         self.count = 0
 
-    def update(self, batch_mean_loss: Tensor, correct: Tensor) -> None:
-        """Add one batch: its mean loss (weighted by its size) and the per-sample correctness (bool, shape (n,))."""
-        n = correct.shape[0]
-        step = torch.stack((batch_mean_loss.detach() * n, correct.sum().to(batch_mean_loss.dtype)))
-        self.sums = step if self.sums is None else self.sums.add_(step)
-        self.count += n
+    def update(self, count: int, **sums: Tensor) -> None:
+        """Add one batch of ``count`` samples and its per-quantity sums (scalar tensors, any dtype)."""
+        names = tuple(sums)
+        if self.sums is not None and names != self.names:
+            raise ValueError(f"EpochMeans.update got {names}, but this epoch accumulates {self.names}")
+        first = next(iter(sums.values()))
+        dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
+        step = torch.stack([s.detach().to(dtype) for s in sums.values()])
+        self.names, self.sums = names, step if self.sums is None else self.sums.add_(step)
+        self.count += int(count)
 
-    def compute(self, strategy: Any | None = None) -> dict[str, Tensor] | None:
-        """{"loss": Σℓ/N, "acc": Σcorrect/N} summed over ranks (``strategy.reduce``); None before any update."""
+    def compute(self, strategy: Any | None = None) -> dict[str, Tensor]:
+        """{name: Σ sums / Σ count}, summed over ranks through ``strategy.reduce``; {} before any update."""
         if self.sums is None:
-            return None
+            return {}
         totals = torch.cat((self.sums, self.sums.new_tensor([float(self.count)])))
         if strategy is not None:
             totals = strategy.reduce(totals, reduce_op="sum")
-        return {"loss": totals[0] / totals[2], "acc": totals[1] / totals[2]}
+        return {name: totals[i] / totals[-1] for i, name in enumerate(self.names)}
 
     def reset(self) -> None:
         """Start a new epoch."""
-        self.sums, self.count = None, 0
+        self.names, self.sums, self.count = (), None, 0

@@ -43,6 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ep_lightning.algorithms import ep_surrogate
 from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
 from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.metrics import EpochMeans
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.initializer import FeedforwardInitializer, layer_contrast_losses
 from ep_lightning.random_sign import SignGenerator, run_seed
@@ -132,6 +133,7 @@ class _InitializedBase(L.LightningModule):
         metric = lambda: MulticlassAccuracy(num_classes=model.num_classes, average="micro")
         self.val_acc, self.test_acc = metric(), metric()
         self.val_acc_init, self.test_acc_init = metric(), metric()
+        self.train_means = EpochMeans()
 
     # --- the negative phase ----------------------------------------------------------------------------------
     # --- reliability: model/data mismatch at start-up, NaN/Inf guard (ep_lightning/callbacks/divergence.py) -----
@@ -166,13 +168,27 @@ class _InitializedBase(L.LightningModule):
         raise NotImplementedError
 
     # --- logging helpers -------------------------------------------------------------------------------------
-    def _log_distances(self, s_f: State, s_minus: State, batch_size: int) -> None:
-        """‖s^f_l − s⁻_l‖ per layer (per-sample norm, batch mean)."""
-        for name, a, b in zip(self.model.state_names(), s_f, s_minus):
-            dist = (a.detach() - b).flatten(1).norm(dim=1).mean()
-            self.log(
-                f"train/dist_init/{name}", dist, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
-            )
+    def _accumulate(
+        self, labels: Tensor, loss: Tensor, output: Tensor, s_f: State | None = None, s_minus: State | None = None,
+        init_loss: Tensor | None = None,
+    ) -> None:
+        """Add this batch to the epoch means logged at epoch end (``EpochMeans``, no per-step ``self.log``):
+        train/loss, train/err (of ``output``) and, with an initializer, train/init_loss, train/err_init (of s^f's
+        output layer) and train/dist_init/<layer> = ‖s^f_l − s⁻_l‖ (per-sample norm)."""
+        n = labels.shape[0]
+        sums = {"loss": loss.detach() * n, "err": (output.argmax(dim=1) != labels).sum()}
+        if s_f is not None and s_minus is not None:
+            if init_loss is not None:
+                sums["init_loss"] = init_loss.detach() * n
+            sums["err_init"] = (s_f[-1].detach().argmax(dim=1) != labels).sum()
+            for name, a, b in zip(self.model.state_names(), s_f, s_minus):
+                sums[f"dist_init/{name}"] = (a.detach() - b).flatten(1).norm(dim=1).sum()
+        self.train_means.update(n, **sums)
+
+    def on_train_epoch_end(self) -> None:
+        for name, value in self.train_means.compute(self.trainer.strategy).items():
+            self.log(f"train/{name}", value, prog_bar=name in ("loss", "err", "err_init"))
+        self.train_means.reset()
 
     def _log_error(self, key: str, output: Tensor, labels: Tensor, prog_bar: bool = False) -> None:
         err = (output.argmax(dim=1) != labels).float().mean()
@@ -378,21 +394,11 @@ class InitializedEP(_InitializedBase):
             # is not counted: with two counted steps per batch, global_step (and max_steps, every_n_steps, the
             # loggers' x axis) would advance twice per batch.
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure)
-        batch_size = x.shape[0]
         loss = self.model.cost(s_minus, target).mean()
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self._log_error("train/err", self.model.output(s_minus), labels, prog_bar=True)
         if self.initializer is not None:
-            self.log(
-                "train/init_loss",
-                init_loss.detach(),
-                on_step=False,
-                on_epoch=True,
-                batch_size=batch_size,
-                sync_dist=True,
-            )
-            self._log_error("train/err_init", s_f[-1].detach(), labels)
-            self._log_distances(s_f, s_minus, batch_size)
+            self._accumulate(labels, loss, self.model.output(s_minus), s_f, s_minus, init_loss)
+        else:
+            self._accumulate(labels, loss, self.model.output(s_minus))
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -493,18 +499,7 @@ class InitializerDistillation(_InitializedBase):
         if not check_training_step(self, batch_idx, {"free": target}):  # NaN/Inf: raises, or skips the batch
             return loss.detach()
         optimizer.step()
-        batch_size = x.shape[0]
-        # train/loss is this module's objective, the contrast loss (InitializedEP logs it as train/init_loss).
-        self.log(
-            "train/loss",
-            loss.detach(),
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch_size,
-            sync_dist=True,
-        )
-        self._log_error("train/err_init", s_f[-1].detach(), labels, prog_bar=True)
-        self._log_error("train/err", self.model.output(target), labels)
-        self._log_distances(s_f, target, batch_size)
+        # train/loss is this module's objective, the contrast loss (InitializedEP logs it as train/init_loss);
+        # train/err is the relaxed target's error, train/err_init the initializer's.
+        self._accumulate(labels, loss, self.model.output(target), s_f, target)
         return loss.detach()
