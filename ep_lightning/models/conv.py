@@ -152,8 +152,17 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
 
     # --- dynamics --------------------------------------------------------------------------------------------
     def _pool(self, i: int, below: Tensor) -> tuple[Tensor, Tensor]:
-        """P(conv_i(below)) and the argmax indices of the pooling (i is 0-based)."""
-        return F.max_pool2d(self.convs[i](below), self.pool_size, stride=self.pool_size, return_indices=True)
+        """P(conv_i(below)) and the argmax indices of the pooling (i is 0-based).
+
+        The pooling runs on a channels-last copy: torch's CPU max-pool with indices is ~15× slower on NCHW tensors
+        of these shapes (367 vs 24 µs for 20×64×8×8); values and indices are the same (a max is exact, the index
+        is h·W + w in either layout), and both come back contiguous."""
+        out = self.convs[i](below)
+        if out.device.type == "cpu":
+            out = out.contiguous(memory_format=torch.channels_last)
+            pooled, indices = F.max_pool2d(out, self.pool_size, stride=self.pool_size, return_indices=True)
+            return pooled.contiguous(), indices.contiguous()
+        return F.max_pool2d(out, self.pool_size, stride=self.pool_size, return_indices=True)
 
     def _feedback(self, i: int, above: Tensor, indices: Tensor) -> Tensor:
         """convᵀ_i(unpool(above; indices)) = ∂/∂s_{i−1} of above · P(conv_i(s_{i−1})) (i is 0-based)."""
