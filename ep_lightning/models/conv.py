@@ -8,6 +8,7 @@ term s_{i+1} · P(conv(s_i)), with the argmax taken at the *current* s_i.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,23 @@ def conv_pool_sizes(
     return conv_sizes, pooled_sizes
 
 
+#: ``relaxation_conv_dtype`` values and the dtype the relaxation's convolutions run in (None: the state's own).
+CONV_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def convolve(conv: nn.Conv2d, below: Tensor, dtype: torch.dtype | None = None, transpose: bool = False) -> Tensor:
+    """conv(below) (or convᵀ(below) without bias for ``transpose``), computed in ``dtype`` and cast back."""
+    if dtype is None:
+        return F.conv_transpose2d(below, conv.weight, padding=conv.padding) if transpose else conv(below)
+    weight = conv.weight.to(dtype)
+    if transpose:
+        out = F.conv_transpose2d(below.to(dtype), weight, padding=conv.padding)
+    else:
+        bias = conv.bias.to(dtype) if conv.bias is not None else None
+        out = F.conv2d(below.to(dtype), weight, bias, padding=conv.padding)
+    return out.to(below.dtype)
+
+
 class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
     """P-conv: conv + max-pool layers s_1 … s_L (channels × side × side), then a fully connected output o.
 
@@ -80,6 +98,7 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         num_classes: int = 10,
         activation: ActivationName = "hard_sigmoid",
         readout: ReadoutName = "mse",
+        relaxation_conv_dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
         """
         Args:
@@ -95,6 +114,10 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
             readout: ``mse`` (the fc output layer is a dynamical layer, cost ½‖o − y‖², the 2019 paper) or ``ce`` (the
                 fc layer is a softmax read-out outside the dynamics, cross-entropy cost; Laborieux et al. 2021). The
                 learning rates stay one per layer: conv_1 … conv_L, then fc (the read-out for ``ce``).
+            relaxation_conv_dtype: dtype of the convolutions inside the relaxation steps (``step``): ``float32`` (the
+                default, exact) or ``bfloat16`` (inputs and kernels rounded to bfloat16, products accumulated by the
+                backend, results cast back: states, Φ and the EP update stay float32). ~2× faster convolutions on
+                CPUs with AVX512-BF16 and on GPUs, at a cost in accuracy measured in the README ("Performance").
         """
         super().__init__()
         channels = [int(c) for c in channels]
@@ -115,6 +138,13 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         if int(padding) != padding or not 0 <= padding < kernel_size:
             raise ValueError(f"padding={padding} is invalid: use an integer with 0 ≤ padding < kernel_size={kernel_size}")
         self.readout = check_readout(readout)
+        if relaxation_conv_dtype not in CONV_DTYPES:
+            raise ValueError(
+                f"relaxation_conv_dtype={relaxation_conv_dtype!r} is not known; allowed: "
+                f"{', '.join(map(repr, CONV_DTYPES))}"
+            )
+        self.relaxation_conv_dtype = relaxation_conv_dtype
+        self._step_dtype = CONV_DTYPES[relaxation_conv_dtype]
         self.sigma, _ = get_activation(activation)
         self.activation_name = activation
         self.input_size, self.input_channels = int(input_size), int(input_channels)
@@ -151,24 +181,24 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         return x
 
     # --- dynamics --------------------------------------------------------------------------------------------
-    def _pool(self, i: int, below: Tensor) -> tuple[Tensor, Tensor]:
-        """P(conv_i(below)) and the argmax indices of the pooling (i is 0-based).
+    def _pool(self, i: int, below: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """P(conv_i(below)) and the argmax indices of the pooling (i is 0-based; the convolution in ``dtype``).
 
         The pooling runs on a channels-last copy: torch's CPU max-pool with indices is ~15× slower on NCHW tensors
         of these shapes (367 vs 24 µs for 20×64×8×8); values and indices are the same (a max is exact, the index
         is h·W + w in either layout), and both come back contiguous."""
-        out = self.convs[i](below)
+        out = convolve(self.convs[i], below, dtype)
         if out.device.type == "cpu":
             out = out.contiguous(memory_format=torch.channels_last)
             pooled, indices = F.max_pool2d(out, self.pool_size, stride=self.pool_size, return_indices=True)
             return pooled.contiguous(), indices.contiguous()
         return F.max_pool2d(out, self.pool_size, stride=self.pool_size, return_indices=True)
 
-    def _feedback(self, i: int, above: Tensor, indices: Tensor) -> Tensor:
+    def _feedback(self, i: int, above: Tensor, indices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """convᵀ_i(unpool(above; indices)) = ∂/∂s_{i−1} of above · P(conv_i(s_{i−1})) (i is 0-based)."""
         side = self.conv_sizes[i]
         unpooled = F.max_unpool2d(above, indices, self.pool_size, stride=self.pool_size, output_size=(side, side))
-        return F.conv_transpose2d(unpooled, self.convs[i].weight, padding=self.padding)
+        return convolve(self.convs[i], unpooled, dtype, transpose=True)
 
     def drive(self, x: Tensor) -> Tensor:
         """P(conv_1(x)), the constant input term of the first layer."""
@@ -188,13 +218,13 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         n_conv = len(self.convs)
         pooled, indices = [drive], [None]
         for i in range(1, n_conv):
-            p, ind = self._pool(i, state[i - 1])
+            p, ind = self._pool(i, state[i - 1], self._step_dtype)
             pooled.append(p)
             indices.append(ind)
         new_state = []
         for i in range(n_conv):
             if i + 1 < n_conv:
-                pre = pooled[i] + self._feedback(i + 1, state[i + 1], indices[i + 1])
+                pre = pooled[i] + self._feedback(i + 1, state[i + 1], indices[i + 1], self._step_dtype)
             elif not ce:
                 pre = pooled[i] + (state[-1] @ self.fc.weight).view_as(state[i])
             elif nudged:  # ce: the read-out's nudge inside σ of the last conv layer
