@@ -21,7 +21,7 @@ optimizers (energy model, initializer) step after it; only the first step is cou
 batches as for every other module.
 
 Logged: ``train/loss`` (C at s⁻), ``train/err`` / ``train/err_init`` (error of s⁻ / of s^f), ``train/init_loss``,
-``train/dist_init/<layer>`` (‖s^f_l − s⁻_l‖, per-sample norm, batch mean); at validation and test ``*/err`` and
+``train/dist_init/<layer>`` (‖s^f_l − s⁻_l‖, per-sample norm; training values are epoch means); at validation and test ``*/err`` and
 ``*/acc`` (s^f refined by ``eval_steps`` steps) and ``*/err_init``, ``*/acc_init`` (the initializer alone). The
 residual curves from s^f against from zero come from ``ep_lightning.callbacks.initialization.InitializationMonitor``.
 """
