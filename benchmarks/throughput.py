@@ -56,8 +56,11 @@ class BatchTimer(L.Callback):
         return time.perf_counter() - self.start
 
 
-def activation_megabytes(module: L.LightningModule, batch) -> float:
-    """MB of tensors autograd saves for backward during one training step (what BPTT stores per step)."""
+def activation_megabytes(module: L.LightningModule, batch) -> float | None:
+    """MB of tensors autograd saves for backward during one training step (what BPTT stores per step); None for
+    modules other than EquilibriumModule (Initialized EP)."""
+    if not hasattr(module, "ep_phases"):
+        return None
     saved = 0
 
     def pack(t: torch.Tensor):
@@ -156,6 +159,10 @@ def main() -> None:
     module.train()
     sample_batch = trainer.strategy.batch_to_device(next(iter(datamodule.train_dataloader())))
     act_mb = activation_megabytes(module, sample_batch)
+    # EquilibriumModule: T, K; Initialized EP: T⁻ (negative phase from the initializer's guess), T⁺ (positive phase).
+    free_steps, nudged_steps = (getattr(module, "T_minus", None), getattr(module, "T_plus", None))
+    if free_steps is None:
+        free_steps, nudged_steps = module.T, module.K
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -163,22 +170,24 @@ def main() -> None:
     result = {
         "config": args.config,
         "overrides": args.set,
-        "algorithm": module.algorithm,
-        "T": module.T,
-        "K": module.K,
+        "module": type(module).__name__,
+        "algorithm": getattr(module, "algorithm", "ep"),
+        "T": free_steps,
+        "K": nudged_steps,
         "batch_size": datamodule.hparams.batch_size,
         "train_samples_per_s": round(train_rate, 1),
         "epoch_s": round(60000 / train_rate, 1),
         "eval_samples_per_s": round(eval_rate, 1),
         "peak_mem_mb": round(peak, 1),
         "peak_mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "process max RSS",
-        "activation_mb": round(act_mb, 3),
+        "activation_mb": round(act_mb, 3) if act_mb is not None else None,
         "device": args.device,
         "malloc_tuning": malloc_tuned,
         **machine(),
     }
     print(f"{args.config}: train {train_rate:,.0f} samples/s ({60000 / train_rate:.1f} s/epoch), "
-          f"eval {eval_rate:,.0f} samples/s, activations {act_mb:.2f} MB, peak {peak:.0f} MB")
+          f"eval {eval_rate:,.0f} samples/s, activations {'n/a' if act_mb is None else f'{act_mb:.2f} MB'}, "
+          f"peak {peak:.0f} MB")
     print(json.dumps(result))
 
 
