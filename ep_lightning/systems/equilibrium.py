@@ -19,6 +19,7 @@ from ep_lightning.metrics import EpochMeans
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.random_sign import SignGenerator, run_seed
+from ep_lightning.relaxation import CompiledPhases
 from ep_lightning.resume import catch_up_epoch_schedulers
 from ep_lightning.validation import ConfigError, check_module_fits_datamodule
 from ep_lightning.warm_start import PersistentStates
@@ -71,6 +72,7 @@ class EquilibriumModule(L.LightningModule):
         check_every: int = 5,
         weight_decays: Sequence[float] | None = None,
         sign_seed: int | None = None,
+        compile_relaxation: bool = False,
     ) -> None:
         """
         Args:
@@ -101,6 +103,12 @@ class EquilibriumModule(L.LightningModule):
             weight_decays: one weight decay per layer group, input → output (same groups as ``lrs``); null: the
                 optimizer's own value.
             sign_seed: seed of the β-sign generator for ``random_sign`` (default: the run seed, else 0).
+            compile_relaxation: EP only. Compile the training step's relaxation (input drive, free phase, nudged
+                phase; ``relaxation.compiled_phases``) into one graph with ``torch.compile``: on CPU with inductor's
+                C++ wrapper, on CUDA with CUDA graphs (``reduce-overhead``). Same arithmetic, possibly reordered by
+                the compiler (float round-off). Costs a compilation at the first step of each batch shape (5–35 s on
+                a CPU) and needs a C++ compiler; measured in the README ("Performance"). Not with
+                ``free_tolerance`` (its residual tests are host synchronisations).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -117,6 +125,8 @@ class EquilibriumModule(L.LightningModule):
         self.free_tolerance = float(free_tolerance) if free_tolerance is not None else None
         self.check_every = int(check_every)
         self.weight_decays = [float(w) for w in weight_decays] if weight_decays is not None else None
+        self.compile_relaxation = bool(compile_relaxation)
+        self._compiled_phases: CompiledPhases | None = None
         self._validate()
         self.sign_generator = (
             SignGenerator(run_seed() if sign_seed is None else int(sign_seed)) if nudging == "random_sign" else None
@@ -154,6 +164,16 @@ class EquilibriumModule(L.LightningModule):
             raise ValueError(
                 f"model.free_tolerance={self.free_tolerance} is invalid: use a finite residual > 0 (e.g. 1e-4) or "
                 f"null (always T steps)"
+            )
+        if self.compile_relaxation and self.algorithm != "ep":
+            raise ValueError(
+                "model.compile_relaxation=true applies to EP's relaxation phases only; with model.algorithm='bptt' "
+                "set it to false"
+            )
+        if self.compile_relaxation and self.free_tolerance is not None:
+            raise ValueError(
+                f"model.compile_relaxation=true cannot be combined with model.free_tolerance={self.free_tolerance} "
+                "(the residual tests stop the compiled graph); set one of them to false / null"
             )
         if self.check_every < 1:
             raise ValueError(f"model.check_every={self.check_every} is invalid: use an integer ≥ 1 (steps between tests)")
@@ -252,27 +272,39 @@ class EquilibriumModule(L.LightningModule):
         """β for this batch: ±β from the dedicated generator (``random_sign``, one draw per step), else +β."""
         return self.sign_generator.signed(self.beta) if self.sign_generator is not None else self.beta
 
+    def relaxation_phases(
+        self, x: Tensor, target: Tensor, start: State, beta: float | None, stop: StoppingRule | None = None
+    ) -> tuple[State, State]:
+        """(s*, nudged) for one training batch, without graph: drive once, T free steps from ``start``, then the
+        nudged phase from s*: K steps at ``beta`` (one-sided / random sign), or for ``beta=None`` (symmetric) both
+        nudged phases as one doubled batch (rows [:B] s^{+β}, [B:] s^{−β}; see ``symmetric_phases``)."""
+        with torch.no_grad():
+            drive = self.model.drive(x)
+            free = relax(self.model, drive, start, self.T, stop=stop)
+            if beta is None:
+                return free, self.symmetric_phases(x, target, free, drive)
+            return free, relax(self.model, drive, free, self.K, beta, target)
+
     def ep_update(self, x: Tensor, target: Tensor, start: State) -> tuple[Tensor, State, dict[str, State], int]:
         """(update loss, s*, phases, free steps run) for one batch: the gradient of the loss is −Δθ (EP contrast for
         the chosen nudging, plus the read-out's CE gradient at s* for ``readout: ce`` models)."""
         stop = self._stopping_rule()
-        with torch.no_grad():
-            drive = self.model.drive(x)
-            free = relax(self.model, drive, start, self.T, stop=stop)
-        if self.nudging == "symmetric":
-            doubled = self.symmetric_phases(x, target, free, drive)
+        beta = None if self.nudging == "symmetric" else self.draw_beta()
+        if self.compile_relaxation:
+            if self._compiled_phases is None:
+                self._compiled_phases = CompiledPhases(self.relaxation_phases, x.device)
+            free, nudged = self._compiled_phases(x, target, start, beta)
+        else:
+            free, nudged = self.relaxation_phases(x, target, start, beta, stop)
+        if beta is None:
             batch = x.shape[0]
-            plus, minus = tuple(s[:batch] for s in doubled), tuple(s[batch:] for s in doubled)
+            plus, minus = tuple(s[:batch] for s in nudged), tuple(s[batch:] for s in nudged)
             # (1/2β)(∂Φ/∂θ(s^{+β}) − ∂Φ/∂θ(s^{−β})) = −∇ of mean[Φ(s^{−β}) − Φ(s^{+β})]/(2β): ep_surrogate with
             # (s^{−β}, s^{+β}) in the places of (s*, s^β) and 2β in the place of β.
             update_loss = ep_surrogate(self.model, x, minus, plus, 2.0 * self.beta)
-            phases = {"free": free, "nudged": doubled}
         else:
-            beta = self.draw_beta()
-            with torch.no_grad():
-                nudged = relax(self.model, drive, free, self.K, beta, target)
             update_loss = ep_surrogate(self.model, x, free, nudged, beta)  # valid for either sign of β
-            phases = {"free": free, "nudged": nudged}
+        phases = {"free": free, "nudged": nudged}
         readout_loss = getattr(self.model, "readout_loss", None)
         readout = readout_loss(free, target) if callable(readout_loss) else None
         if readout is not None:
