@@ -95,12 +95,6 @@ def get_activation(name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Ten
     return ACTIVATIONS[name]
 
 
-def activation_and_derivative(name: str, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(σ(x), σ'(x)) computed together, reusing σ(x) for σ' (e.g. σ' = 4σ(1 − σ) for the paper's sigmoid)."""
-    value, slope, scale = activation_and_scaled_derivative(name, x)
-    return value, slope.mul_(scale) if scale != 1.0 else slope
-
-
 def activation_and_scaled_derivative(name: str, x: Tensor) -> tuple[Tensor, Tensor, float]:
     """(σ(x), σ'(x)/k, k) with the constant k left for the caller to fold into a later coefficient (one kernel fewer
     per layer and step): k = 4 and σ'/k = σ(1 − σ) for the paper's sigmoid σ(x) = logistic(4x − 2), k = 1 otherwise."""

@@ -121,9 +121,14 @@ class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
 
     def step(self, state: State, drive: PrototypicalDrive, beta: Beta = 0.0, target: Tensor | None = None) -> State:
         """h_{n+1} ← σ(W_n h_n + b_n + W_{n+1}ᵀ h_{n+2}) for every layer from the old state (dt = 1), leaky with dt,
-        plus the nudge on the output layer; pre-activations built in place as a(…) + c with addmm/addmm_."""
+        plus the nudge on the last layer (``mse``: dt·β(y − s_out) outside σ; ``ce``: β·nudge inside σ);
+        pre-activations built in place as a(…) + c with addmm/addmm_, σ applied in place."""
         a, _, activate = self.fused
         weights, last = drive.weights, len(state) - 1
+        nudged = is_nudged(beta)
+        if nudged:
+            assert target is not None, "a nudged step needs a target"
+        ce = self.readout == "ce"
         new_state = []
         for n, h in enumerate(state):
             if n == 0:  # a(W_0 x + b_0) + c [+ a W_1ᵀ h_2]
@@ -132,28 +137,13 @@ class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
                 pre = torch.addmm(drive.biases[n - 1], state[n - 1], weights[n - 1].T, alpha=a)
                 if n < last:
                     pre.addmm_(state[n + 1], weights[n], alpha=a)
-            new_state.append(pre)
-        if is_nudged(beta):
-            return self._nudged_output(state, new_state, beta, target)
-        for n, pre in enumerate(new_state):
-            new = activate(pre) if activate is not None else pre  # σ(∂Φ/∂h), in place
-            new_state[n] = torch.lerp(state[n], new, self.dt) if self.dt != 1.0 else new  # h + dt(σ(∂Φ/∂h) − h)
-        return tuple(new_state)
-
-    def _nudged_output(self, state: State, pre: list[Tensor], beta: Beta, target: Tensor | None) -> State:
-        """The activation and leak of a nudged step, with the nudge on the last layer: for ``ce`` inside σ,
-        a(∂Φ/∂h_L + β·nudge) + c; for ``mse`` outside σ, + dt·β(y − s_out)."""
-        assert target is not None, "a nudged step needs a target"
-        a, _, activate = self.fused
-        last, ce = len(state) - 1, self.readout == "ce"
-        new_state = []
-        for n, p in enumerate(pre):
-            if n == last and ce:
-                p = add_nudge(p, self.nudge(state, target), a * beta)
-            new = activate(p) if activate is not None else p
+            nudge_here = nudged and n == last
+            if nudge_here and ce:  # CE: a(∂Φ/∂h_L + β·nudge) + c, the nudge inside σ
+                pre = add_nudge(pre, self.nudge(state, target), a * beta)
+            new = activate(pre) if activate is not None else pre  # σ(∂Φ/∂h)
             if self.dt != 1.0:
-                new = torch.lerp(state[n], new, self.dt)
-            if n == last and not ce:
+                new = torch.lerp(h, new, self.dt)  # h + dt(σ(∂Φ/∂h) − h)
+            if nudge_here and not ce:  # MSE: dt·β(y − s_out) outside σ
                 new = add_nudge(new, self.nudge(state, target), self.dt * beta)
             new_state.append(new)
         return tuple(new_state)

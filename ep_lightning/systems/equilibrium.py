@@ -9,7 +9,6 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
-from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ep_lightning.algorithms import bptt_loss, ep_surrogate
@@ -98,7 +97,7 @@ class EquilibriumModule(L.LightningModule):
                 its own table (a sample starts from the state its rank last computed for it, else from zero).
             free_tolerance: adaptive relaxation of the training free phase (EP; BPTT: its T − K steps without
                 graph): stop when max over layers and samples of ‖s_{t+1} − s_t‖ < free_tolerance, at most T steps
-                (null: always T steps, the default). Logs ``train/free_steps`` (epoch mean).
+                (null: always T steps, the default). Logs ``train/free_steps`` (epoch mean over samples).
             check_every: with ``free_tolerance``, test the residual every this many steps (one host sync per test).
             weight_decays: one weight decay per layer group, input → output (same groups as ``lrs``); null: the
                 optimizer's own value.
@@ -132,7 +131,6 @@ class EquilibriumModule(L.LightningModule):
             SignGenerator(run_seed() if sign_seed is None else int(sign_seed)) if nudging == "random_sign" else None
         )
         self.warm_states = PersistentStates() if self.warm_start else None
-        self.free_steps = MeanMetric()
         metric = lambda: MulticlassAccuracy(num_classes=model.num_classes, average="micro", validate_args=False)
         self.val_acc, self.test_acc = metric(), metric()
         self.train_means = EpochMeans()
@@ -249,12 +247,9 @@ class EquilibriumModule(L.LightningModule):
         self, x: Tensor, target: Tensor, beta: float | None = None, start: State | None = None
     ) -> tuple[State, State]:
         """Free phase (T steps, β = 0, from ``start`` or init_state) then nudged phase (K steps, β) from s*;
-        returns (s*, s^β). ``beta`` defaults to the module's β."""
-        with torch.no_grad():
-            drive = self.model.drive(x)
-            free = relax(self.model, drive, start if start is not None else self.model.init_state(x), self.T)
-            nudged = relax(self.model, drive, free, self.K, self.beta if beta is None else beta, target)
-        return free, nudged
+        returns (s*, s^β). ``beta`` defaults to the module's β (one-sided; see ``relaxation_phases``)."""
+        start = start if start is not None else self.model.init_state(x)
+        return self.relaxation_phases(x, target, start, self.beta if beta is None else beta)
 
     def symmetric_phases(self, x: Tensor, target: Tensor, free: State, drive: Any = None) -> State:
         """Both nudged phases from s* as one relaxation of the doubled batch: states (s*; s*), input (x; x), target
@@ -311,18 +306,16 @@ class EquilibriumModule(L.LightningModule):
             update_loss = update_loss + readout
         return update_loss, free, phases, stop.steps_run if stop is not None else self.T
 
-    def bptt_forward(self, x: Tensor, start: State | None = None) -> tuple[State, State]:
-        """T − K steps without graph, then K steps with graph; returns (state at T − K, state at T)."""
+    def bptt_forward(
+        self, x: Tensor, start: State | None = None, stop: StoppingRule | None = None
+    ) -> tuple[State, State]:
+        """T − K steps without graph (adaptive with ``stop``), then K steps with graph, both from the batch's one
+        input drive (built with graph: the K back-propagated steps need it); returns (state at T − K, state at T)."""
         drive = self.model.drive(x)
-        start, _ = self._bptt_prefix(drive, start if start is not None else self.model.init_state(x), None)
-        return start, relax(self.model, drive, start, self.K)
-
-    def _bptt_prefix(self, drive: Any, start: State, stop: StoppingRule | None) -> tuple[State, int]:
-        """The T − K steps before the back-propagated window, under no_grad; ``drive`` is the batch's one input
-        drive (computed with graph for the last K steps; no graph is recorded here)."""
+        start = start if start is not None else self.model.init_state(x)
         with torch.no_grad():
-            state = relax(self.model, drive, start, self.T - self.K, stop=stop)
-        return state, stop.steps_run if stop is not None else self.T - self.K
+            prefix = relax(self.model, drive, start, self.T - self.K, stop=stop)
+        return prefix, relax(self.model, drive, prefix, self.K)
 
     @staticmethod
     def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -343,10 +336,9 @@ class EquilibriumModule(L.LightningModule):
             output = self.model.output(free)
             loss = self.model.cost(free, target).mean()
         else:
-            drive = self.model.drive(x)  # once per batch, with graph: the K back-propagated steps need it
-            prefix, steps = self._bptt_prefix(drive, start, self._stopping_rule())
-            free = relax(self.model, drive, prefix, self.K)
-            steps += self.K
+            stop = self._stopping_rule()
+            _, free = self.bptt_forward(x, start, stop)
+            steps = (stop.steps_run if stop is not None else self.T - self.K) + self.K
             update_loss = bptt_loss(self.model, free, target)
             output = self.model.output(free).detach()
             loss = update_loss.detach()
@@ -360,9 +352,10 @@ class EquilibriumModule(L.LightningModule):
         # Metrics accumulate on the device and are logged (and summed across ranks) once per epoch: a `self.log` per
         # step costs more than the whole P-1h relaxation, a torchmetrics update ~0.1 ms (EpochMeans: ~10 µs).
         n = x.shape[0]
-        self.train_means.update(n, loss=loss.detach() * n, acc=(output.argmax(dim=1) == labels).sum())
+        sums = {"loss": loss.detach() * n, "acc": (output.argmax(dim=1) == labels).sum()}
         if self.free_tolerance is not None:
-            self.free_steps.update(torch.tensor(float(steps), device=x.device))
+            sums["free_steps"] = loss.new_tensor(float(steps * n))
+        self.train_means.update(n, **sums)
         if batch_idx % self.progress_every_n_steps == 0:
             self.log("train/loss_step", loss, prog_bar=True, logger=False)
         return loss
@@ -371,8 +364,6 @@ class EquilibriumModule(L.LightningModule):
         for name, value in self.train_means.compute(self.trainer.strategy).items():
             self.log(f"train/{name}", value, prog_bar=True)
         self.train_means.reset()
-        if self.free_tolerance is not None:
-            self.log("train/free_steps", self.free_steps)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

@@ -135,7 +135,6 @@ class _InitializedBase(L.LightningModule):
         self.val_acc_init, self.test_acc_init = metric(), metric()
         self.train_means = EpochMeans()
 
-    # --- the negative phase ----------------------------------------------------------------------------------
     # --- reliability: model/data mismatch at start-up, NaN/Inf guard (ep_lightning/callbacks/divergence.py) -----
     def setup(self, stage: str) -> None:
         check_module_fits_datamodule(self)
@@ -143,6 +142,7 @@ class _InitializedBase(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return default_callbacks(self)
 
+    # --- the negative phase ----------------------------------------------------------------------------------
     def initial_state(self, x: Tensor) -> State:
         """s^f = f_φ(x) without graph, or the model's zero state when there is no initializer."""
         if self.initializer is None:
