@@ -17,7 +17,7 @@ Conventions, shared by all models:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,6 @@ State = tuple[Tensor, ...]
 class EnergyModel(nn.Module, ABC):
     """A convergent recurrent network with a scalar function Φ (or energy E) and its one-step transition."""
 
-    #: "prototypical": s ← σ(∂Φ/∂s); "energy": s ← s − ε ∂E/∂s.
-    setting: Literal["prototypical", "energy"]
     #: Number of output units (classes).
     num_classes: int
     #: Factor with which β enters the step relative to the cost gradient: 1 for P models (s ← σ(…) + β(y − s)),
@@ -78,6 +76,11 @@ class EnergyModel(nn.Module, ABC):
         """−∂ℓ/∂s_out = 2c(y − s_out): the direction the output is pulled in the nudged phase."""
         diff = target - self.output(state)
         return diff if self.cost_scale == 0.5 else (2.0 * self.cost_scale) * diff
+
+    def readout_loss(self, state: State, target: Tensor) -> Tensor | None:
+        """Extra loss of a read-out outside the dynamics whose θ-gradient joins the update (e.g. the softmax read-out's
+        cross-entropy at s*); ``None`` when the model has none (every θ is learned by the EP contrast or BPTT)."""
+        return None
 
     def encode_target(self, labels: Tensor, like: Tensor) -> Tensor:
         """One-hot targets y in the dtype and device of ``like``."""

@@ -85,8 +85,6 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
     nudge reshape(W_fcᵀ(y − softmax(logits))) of s_L enters inside σ: s_L ← σ(∂Φ/∂s_L + β·nudge).
     """
 
-    setting = "prototypical"
-
     def __init__(
         self,
         input_size: int = 28,

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ep_lightning.models.activations import ActivationName, activation_and_scaled_derivative, get_activation
-from ep_lightning.models.base import EnergyModel, State
-from ep_lightning.models.layered import bilinear_contrast
+from ep_lightning.models.base import State
+from ep_lightning.models.layered import LayeredNet, bilinear_contrast
 from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
 
 
@@ -37,22 +37,35 @@ class EnergyDrive(NamedTuple):
     SHARED_FIELDS = ("weights", "biases")
 
 
-class EnergyBasedNet(EnergyModel):
+OutputDynamics = Literal["energy_gradient", "linear"]
+OUTPUT_DYNAMICS: tuple[str, ...] = ("energy_gradient", "linear")
+
+
+class EnergyBasedNet(LayeredNet):
     """EB network with layers ``[n_in, n_1, …, n_out]`` (input → output), h_0 = x, h_n = ``state[n-1]``:
 
         E(x, s, θ) = ½ Σ_n ‖h_n‖² − Σ_n ρ(h_{n+1}) · (W_n ρ(h_n) + b_n)                       (n ≥ 1 in the first sum)
 
-    Transition (all layers from the old state):
+    Transition (all layers from the old state), for every layer below the output:
 
-        h ← h − ε ∂E/∂h + [output] ε β · 2c (y − h_out),   then clamp to [0, 1] if ``clamp``,
-        −∂E/∂h_{n+1} = −h_{n+1} + ρ'(h_{n+1}) ⊙ (W_n ρ(h_n) + b_n + W_{n+1}ᵀ ρ(h_{n+2})).
+        h ← h − ε ∂E/∂h,   −∂E/∂h_{n+1} = −h_{n+1} + ρ'(h_{n+1}) ⊙ (W_n ρ(h_n) + b_n + W_{n+1}ᵀ ρ(h_{n+2})),
+
+    and for the output layer h_out = h_L, according to ``output_dynamics``:
+
+        ``energy_gradient``:  h_out ← h_out + ε(−h_out + ρ'(h_out) ⊙ (W_{L−1} ρ(h_{L−1}) + b_{L−1}))   (= −ε ∂E/∂h_out)
+        ``linear``:           h_out ← h_out + ε(−h_out + W_{L−1} ρ(h_{L−1}) + b_{L−1})                 (no ρ'(h_out))
+
+    then, in the nudged phase, + ε β · 2c (y − h_out) on the output, and a clamp to [0, 1] if ``clamp``.
+
+    ``energy_gradient`` is exact gradient descent on E (the GDU theorem's setting; also the dynamics of Initialized
+    EP's reference code, QUVA-Lab/init-eqprop, whose step is the autograd gradient of an energy with ρ on every
+    layer, output included). ``linear`` is the stepper of Ernoult et al.'s code (``EPcont``), used for the paper's
+    EB rows: the output moves like a linear unit while the layer below still feels ρ(h_out), so this step is not
+    the gradient of any energy; the EP update keeps ∂E/∂θ of the E above (as the authors' ``computeGradients``).
 
     With an anchor (Initialized EP) the gradient gains λ(h − s^f). ``phi`` returns −E, so the EP update is
-    (1/β)(∂E/∂θ(s*) − ∂E/∂θ(s^β)). The output layer goes through ρ as in the energy above; the authors' code
-    omits ρ' on the output layer's dynamics.
+    (1/β)(∂E/∂θ(s*) − ∂E/∂θ(s^β)).
     """
-
-    setting = "energy"
 
     def __init__(
         self,
@@ -61,6 +74,7 @@ class EnergyBasedNet(EnergyModel):
         eps: float = 0.2,
         clamp: bool = True,
         cost_scale: float = 0.5,
+        output_dynamics: OutputDynamics = "energy_gradient",
     ) -> None:
         """
         Args:
@@ -69,33 +83,26 @@ class EnergyBasedNet(EnergyModel):
             eps: Euler step ε > 0 (0.2 in Ernoult et al., 0.5 in O'Connor et al.).
             clamp: clamp states to [0, 1] after every step (both papers); off for the tanh toy model.
             cost_scale: c in ℓ = c‖s_out − y‖² (½ in Ernoult et al., 1 in O'Connor et al.).
+            output_dynamics: ``energy_gradient`` (h_out moves along −∂E/∂h_out, with ρ'(h_out)) or ``linear`` (no
+                ρ'(h_out), the stepper of Ernoult et al.'s code); see the class docstring.
         """
-        super().__init__()
-        layers = [int(n) for n in layers]
-        if len(layers) < 2 or any(n <= 0 for n in layers):
-            raise ValueError(
-                f"layers={layers} is invalid: give at least [n_in, n_out], every size a positive integer"
-            )
+        super().__init__(layers)
         if not eps > 0 or not math.isfinite(eps):
             raise ValueError(f"eps={eps} is invalid: the Euler step ε must be a finite number > 0 (e.g. 0.2)")
         if not cost_scale > 0:
             raise ValueError(f"cost_scale={cost_scale} is invalid: use a positive factor (0.5 or 1)")
-        self.layers = layers
+        if output_dynamics not in OUTPUT_DYNAMICS:
+            raise ValueError(
+                f"output_dynamics={output_dynamics!r} is not known; allowed: 'energy_gradient' (−ε∂E/∂s_out, with "
+                f"ρ'(s_out)) or 'linear' (no ρ'(s_out), the authors' EPcont stepper)"
+            )
         self.activation_name = activation
-        self.rho, self.rho_prime = get_activation(activation)
+        self.rho, _ = get_activation(activation)
         self.eps = float(eps)
         self.clamp = bool(clamp)
         self.nudge_scale = self.eps
         self.cost_scale = float(cost_scale)
-        self.num_classes = layers[-1]
-        self.synapses = nn.ModuleList(nn.Linear(layers[n], layers[n + 1]) for n in range(len(layers) - 1))
-
-    def init_state_shapes(self) -> list[tuple[int, ...]]:
-        return [(n,) for n in self.layers[1:]]
-
-    def init_state(self, x: Tensor) -> State:
-        w = self.synapses[0].weight
-        return tuple(torch.zeros(x.shape[0], n, dtype=w.dtype, device=w.device) for n in self.layers[1:])
+        self.output_dynamics = output_dynamics
 
     def drive(self, x: Tensor, anchor: State | None = None, anchor_strength: float = 0.0) -> EnergyDrive:
         """W_0 ρ(x) + b_0, plus the optional Initialized-EP anchor s^f with strength λ."""
@@ -109,10 +116,11 @@ class EnergyBasedNet(EnergyModel):
         """h ← clamp(h − ε ∂E/∂h [− ελ(h − s^f)] [+ εβ·2c(y − h_out)]), all layers from the old state, with
         ∂E/∂h_{n+1} = h_{n+1} − ρ'(h_{n+1}) ⊙ (W_n ρ(h_n) + b_n + W_{n+1}ᵀ ρ(h_{n+2})), built as
         h + (εk)(ρ'/k) ⊙ pre − ε h (one addmm, one addmm_, one addcmul per layer; ρ' = k·(ρ'/k), see
-        ``activation_and_scaled_derivative``)."""
+        ``activation_and_scaled_derivative``); with ``output_dynamics='linear'`` the output layer is h + ε pre − ε h."""
         activated = [activation_and_scaled_derivative(self.activation_name, h) for h in state]
         weights, eps, last = drive.weights, self.eps, len(state) - 1
         anchored = drive.anchor is not None and drive.anchor_strength != 0.0
+        linear_output = self.output_dynamics == "linear"
         new_state = []
         for n, h in enumerate(state):
             if n == 0:
@@ -121,8 +129,11 @@ class EnergyBasedNet(EnergyModel):
                 pre = torch.addmm(drive.biases[n - 1], activated[n - 1][0], weights[n - 1].T)
                 if n < last:
                     pre.addmm_(activated[n + 1][0], weights[n])
-            _, slope, scale = activated[n]
-            new = torch.addcmul(h, slope, pre, value=eps * scale).sub_(h, alpha=eps)
+            if n == last and linear_output:  # h + ε(pre − h): no ρ'(h_out)
+                new = torch.add(h, pre, alpha=eps).sub_(h, alpha=eps)
+            else:
+                _, slope, scale = activated[n]
+                new = torch.addcmul(h, slope, pre, value=eps * scale).sub_(h, alpha=eps)
             if anchored:
                 new.sub_(h - drive.anchor[n], alpha=eps * drive.anchor_strength)
             new_state.append(new)
@@ -156,6 +167,3 @@ class EnergyBasedNet(EnergyModel):
             u_nudged = (x_term, *(self.rho(h) for h in nudged))
             quadratic = 0.5 * sum(hn.pow(2).sum() - hf.pow(2).sum() for hf, hn in zip(free, nudged))
         return bilinear_contrast(self.synapses, u_free, u_nudged) + quadratic
-
-    def parameter_groups(self) -> list[list[nn.Parameter]]:
-        return [list(synapse.parameters()) for synapse in self.synapses]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ep_lightning.models.base import State
+from ep_lightning.models.layered import check_layers, make_synapses
 
 
 def leaky_hard_sigmoid(z: Tensor, leak: float) -> Tensor:
@@ -48,16 +49,12 @@ class FeedforwardInitializer(nn.Module):
             leak: slope of ρ_f outside [0, 1] (0.01 in the paper; 0 gives the plain hard sigmoid).
         """
         super().__init__()
-        layers = [int(n) for n in layers]
-        if len(layers) < 2 or any(n <= 0 for n in layers):
-            raise ValueError(
-                f"initializer.layers={layers} is invalid: give at least [n_in, n_out], every size a positive integer"
-            )
+        layers = check_layers(layers, "initializer.layers")
         if not 0.0 <= leak < 1.0:
             raise ValueError(f"initializer.leak={leak} is invalid: use a slope in [0, 1) (the paper uses 0.01)")
         self.layers = layers
         self.leak = float(leak)
-        self.synapses = nn.ModuleList(nn.Linear(layers[n], layers[n + 1]) for n in range(len(layers) - 1))
+        self.synapses = make_synapses(layers)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -80,11 +77,6 @@ class FeedforwardInitializer(nn.Module):
     def forward(self, x: Tensor, local: bool = True) -> State:
         """s^f = f_φ(x), one tensor per layer (input → output). ``local`` only changes how gradients flow."""
         return self.preactivations_and_states(x, local)[1]
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        """Predicted class per sample: argmax of the output layer s^f_L (no relaxation)."""
-        return self.forward(x)[-1].argmax(dim=1)
 
     def layer_losses(self, x: Tensor, target: State, local: bool = True) -> list[Tensor]:
         """[L_1, …, L_L] with L_l = mean_batch ½‖s^f_l − s⁻_l‖² (targets detached)."""

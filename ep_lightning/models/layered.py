@@ -1,4 +1,6 @@
-"""Shared algebra of layered networks whose Φ is bilinear in the layers: Φ = Σ_n u_{n+1} · (W_n u_n + b_n) + r(s)."""
+"""Plumbing shared by layered fully-connected networks (layer sizes input → output, one ``nn.Linear`` per pair of
+adjacent layers), and the algebra of nets whose Φ is bilinear in the layers: Φ = Σ_n u_{n+1} · (W_n u_n + b_n) + r(s).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +8,50 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ep_lightning.models.base import EnergyModel, State
+
+
+def check_layers(layers: Sequence[int], field: str = "layers") -> list[int]:
+    """``layers`` as a list of ints, or a ValueError naming ``field``: at least [n_in, n_out], all sizes positive."""
+    sizes = [int(n) for n in layers]
+    if len(sizes) < 2 or any(n <= 0 for n in sizes):
+        raise ValueError(f"{field}={sizes} is invalid: give at least [n_in, n_out], every size a positive integer")
+    return sizes
+
+
+def make_synapses(layers: Sequence[int]) -> nn.ModuleList:
+    """W_n, b_n for n = 0 … L−1: ``nn.Linear(layers[n], layers[n + 1])`` (PyTorch's default initialisation)."""
+    return nn.ModuleList(nn.Linear(layers[n], layers[n + 1]) for n in range(len(layers) - 1))
+
+
+class LayeredNet(EnergyModel):
+    """An ``EnergyModel`` with layers ``[n_in, n_1, …, n_out]``: ``synapses[n]`` maps layer n to layer n + 1, the
+    state holds the first ``n_dynamic`` layers above the input (zeros at the start of every free phase), and the
+    parameters form one group (one learning rate) per synapse, input → output."""
+
+    def __init__(self, layers: Sequence[int]) -> None:
+        super().__init__()
+        self.layers = check_layers(layers)
+        self.num_classes = self.layers[-1]
+        self.synapses = make_synapses(self.layers)
+
+    @property
+    def n_dynamic(self) -> int:
+        """Number of state layers (synapses inside Φ); all layers above the input unless a subclass says otherwise."""
+        return len(self.layers) - 1
+
+    def init_state_shapes(self) -> list[tuple[int, ...]]:
+        return [(n,) for n in self.layers[1 : 1 + self.n_dynamic]]
+
+    def init_state(self, x: Tensor) -> State:
+        """s_n = 0 for every state layer, in the parameters' dtype and device."""
+        w = self.synapses[0].weight
+        return tuple(torch.zeros(x.shape[0], n, dtype=w.dtype, device=w.device) for n in self.layers[1 : 1 + self.n_dynamic])
+
+    def parameter_groups(self) -> list[list[nn.Parameter]]:
+        """One group per synapse (W_n, b_n), input → output."""
+        return [list(synapse.parameters()) for synapse in self.synapses]
 
 
 def bilinear_contrast(synapses: Sequence[nn.Linear], free: Sequence[Tensor], nudged: Sequence[Tensor]) -> Tensor:

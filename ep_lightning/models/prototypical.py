@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from ep_lightning.models.activations import ActivationName, get_activation, get_fused_activation
-from ep_lightning.models.base import EnergyModel, State
-from ep_lightning.models.layered import bilinear_contrast
+from ep_lightning.models.base import State
+from ep_lightning.models.layered import LayeredNet, bilinear_contrast
 from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
 from ep_lightning.models.readout import ReadoutName, SoftmaxReadoutMixin, check_readout
 
@@ -29,7 +29,7 @@ class PrototypicalDrive(NamedTuple):
     SHARED_FIELDS = ("biases", "weights")
 
 
-class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
+class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
     """Fully-connected P network with layers ``layers = [n_in, n_1, …, n_out]`` (input → output).
 
     With h_0 = x and h_n = ``state[n-1]``, the primitive function is
@@ -49,8 +49,6 @@ class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
     nudge W_outᵀ(y − softmax(W_out h_L + b_out)) enters inside σ: h_L ← h_L + dt(σ(∂Φ/∂h_L + β·nudge) − h_L).
     """
 
-    setting = "prototypical"
-
     def __init__(
         self,
         layers: Sequence[int] = (784, 512, 10),
@@ -68,12 +66,8 @@ class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
                 gradient; Laborieux et al. 2021; needs at least one hidden layer). The learning-rate list keeps one
                 entry per synapse, the read-out last.
         """
-        super().__init__()
-        layers = [int(n) for n in layers]
-        if len(layers) < 2 or any(n <= 0 for n in layers):
-            raise ValueError(
-                f"layers={layers} is invalid: give at least [n_in, n_out], every size a positive integer"
-            )
+        super().__init__(layers)
+        layers = self.layers
         if not (0.0 < dt <= 1.0) or not math.isfinite(dt):
             raise ValueError(f"dt={dt} is invalid: the leak must lie in (0, 1] (the paper uses dt=1)")
         self.readout = check_readout(readout)
@@ -82,24 +76,16 @@ class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
                 f"layers={layers} is invalid with readout='ce': the read-out sits outside the dynamics, so give at "
                 f"least one hidden layer, e.g. [784, 512, 10]"
             )
-        self.layers = layers
-        #: Synapses inside Φ (all of them for mse; all but the read-out for ce) = number of dynamical layers.
-        self.n_dynamic = len(layers) - 1 if readout == "mse" else len(layers) - 2
         self.activation_name = activation
         self.sigma, _ = get_activation(activation)
         self.fused = get_fused_activation(activation)
         self.dt = float(dt)
         self.nudge_scale = self.dt  # the nudge enters the leaky update as dt·β(y − s_out)
-        self.num_classes = layers[-1]
-        self.synapses = nn.ModuleList(nn.Linear(layers[n], layers[n + 1]) for n in range(len(layers) - 1))
 
-    def init_state_shapes(self) -> list[tuple[int, ...]]:
-        return [(n,) for n in self.layers[1 : 1 + self.n_dynamic]]
-
-    def init_state(self, x: Tensor) -> State:
-        batch = x.shape[0]
-        w = self.synapses[0].weight
-        return tuple(torch.zeros(batch, n, dtype=w.dtype, device=w.device) for n in self.layers[1 : 1 + self.n_dynamic])
+    @property
+    def n_dynamic(self) -> int:
+        """Synapses inside Φ (all of them for mse; all but the read-out for ce) = number of dynamical layers."""
+        return len(self.layers) - 1 if self.readout == "mse" else len(self.layers) - 2
 
     def readout_layer(self) -> nn.Linear:
         """The softmax read-out W_out, b_out (``readout='ce'``): the last synapse."""
@@ -161,7 +147,3 @@ class PrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         """Σ_batch [Φ(s*) − Φ(s^β)] in the bilinear form Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ (see ``bilinear_contrast``)."""
         x = x.flatten(1).to(free[0].dtype)
         return bilinear_contrast(self.synapses[: self.n_dynamic], (x, *free), (x, *nudged))
-
-    def parameter_groups(self) -> list[list[nn.Parameter]]:
-        """One group per synapse, input → output (with ``readout='ce'`` the last group is the read-out)."""
-        return [list(synapse.parameters()) for synapse in self.synapses]
