@@ -1,8 +1,10 @@
-"""EnergyBasedNet: the closed-form step against autograd of E, the EP surrogate against the hand formula,
-and states confined to [0, 1]."""
+"""EnergyBasedNet: the closed-form step (both output dynamics) against the autograd reference (tests/reference.py),
+the EP surrogate against the hand formula, and states confined to [0, 1]."""
 
 from __future__ import annotations
 
+import pytest
+import reference
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,33 +20,60 @@ def _random_state(model: EnergyBasedNet, batch: int) -> tuple[torch.Tensor, ...]
     return tuple(0.05 + 0.9 * torch.rand(batch, n, dtype=torch.float64) for n in model.layers[1:])
 
 
-def test_step_equals_euler_step_on_autograd_energy_gradient() -> None:
-    for activation in ("sigmoid", "hard_sigmoid", "tanh"):
-        for layers in ([7, 5, 3], [7, 6, 5, 3]):
-            model = EnergyBasedNet(layers, activation=activation, eps=0.3, cost_scale=0.5).double()
-            x = torch.rand(4, 7, dtype=torch.float64)
-            y = torch.nn.functional.one_hot(torch.randint(0, 3, (4,)), 3).double()
-            state = tuple(s.requires_grad_() for s in _random_state(model, 4))
-            beta = 0.7
-            total = (model.energy(x, state) + beta * model.cost(state, y)).sum()
-            grads = torch.autograd.grad(total, state)
-            expected = tuple((s - 0.3 * g).clamp(0, 1) for s, g in zip(state, grads))
-            got = model.step(tuple(s.detach() for s in state), model.drive(x), beta, y)
-            for a, b in zip(got, expected):
-                # Same float64 computation up to operation order: 1e-12.
-                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("output_dynamics", ["energy_gradient", "linear"])
+@pytest.mark.parametrize("layers", [[7, 3], [7, 5, 3], [7, 6, 5, 3]], ids=["0h", "1h", "2h"])
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
+@pytest.mark.parametrize("beta", [0.0, 0.7])
+def test_step_equals_autograd_reference(output_dynamics: str, layers: list[int], activation: str, beta: float) -> None:
+    """``energy_gradient``: s ← clamp(s − ε ∂(E + βℓ)/∂s); ``linear``: the same for the layers below the output, and
+    s_out ← s_out − ε ∂/∂s_out[½‖s_out‖² − s_out·(W ρ(s_L) + b) + βℓ] (tests/reference.py)."""
+    model = EnergyBasedNet(
+        layers, activation=activation, eps=0.3, cost_scale=0.5, output_dynamics=output_dynamics  # type: ignore[arg-type]
+    ).double()
+    x = torch.rand(4, 7, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.randint(0, 3, (4,)), 3).double()
+    state = _random_state(model, 4)
+    expected = reference.energy_step(model, x, state, beta, y)
+    got = model.step(state, model.drive(x), beta, y)
+    for a, b in zip(got, expected):
+        # Same float64 computation up to operation order: 1e-12.
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_anchor_adds_lambda_times_distance_to_the_gradient() -> None:
-    model = EnergyBasedNet([6, 5, 3], activation="hard_sigmoid", eps=0.5, cost_scale=1.0).double()
+def test_linear_output_drops_only_the_output_derivative() -> None:
+    """The two output dynamics differ on the output layer only, by the factor ρ'(s_out) on its drive W ρ(s_L) + b:
+    (new_out − (1 − ε)s_out) = ε·pre (linear) and ε·ρ'(s_out)·pre (energy_gradient), from the same state."""
+    torch.manual_seed(3)
+    gradient = EnergyBasedNet([6, 5, 4], eps=0.2, clamp=False).double()
+    linear = EnergyBasedNet([6, 5, 4], eps=0.2, clamp=False, output_dynamics="linear").double()
+    linear.load_state_dict(gradient.state_dict())
     x = torch.rand(3, 6, dtype=torch.float64)
-    state = tuple(s.requires_grad_() for s in _random_state(model, 3))
+    state = _random_state(gradient, 3)
+    a, b = gradient.step(state, gradient.drive(x)), linear.step(state, linear.drive(x))
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    pre = gradient.synapses[-1](gradient.rho(state[0]))
+    out = state[-1]
+    slope = 4 * gradient.rho(out) * (1 - gradient.rho(out))
+    torch.testing.assert_close(b[-1] - 0.8 * out, 0.2 * pre, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a[-1] - 0.8 * out, 0.2 * slope * pre, rtol=1e-12, atol=1e-14)
+
+
+def test_unknown_output_dynamics_is_rejected_with_the_allowed_values() -> None:
+    with pytest.raises(ValueError, match="output_dynamics='exact'.*'energy_gradient'.*'linear'"):
+        EnergyBasedNet([4, 3], output_dynamics="exact")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("output_dynamics", ["energy_gradient", "linear"])
+def test_anchor_adds_lambda_times_distance_to_the_gradient(output_dynamics: str) -> None:
+    model = EnergyBasedNet(
+        [6, 5, 3], activation="hard_sigmoid", eps=0.5, cost_scale=1.0, output_dynamics=output_dynamics  # type: ignore[arg-type]
+    ).double()
+    x = torch.rand(3, 6, dtype=torch.float64)
+    state = _random_state(model, 3)
     anchor = _random_state(model, 3)
     lam = 0.4
-    e_lambda = model.energy(x, state).sum() + 0.5 * lam * sum(((s - a) ** 2).sum() for s, a in zip(state, anchor))
-    grads = torch.autograd.grad(e_lambda, state)
-    expected = tuple((s - 0.5 * g).clamp(0, 1) for s, g in zip(state, grads))
-    got = model.step(tuple(s.detach() for s in state), model.drive(x, anchor=anchor, anchor_strength=lam))
+    expected = reference.energy_step(model, x, state, anchor=anchor, lam=lam)
+    got = model.step(state, model.drive(x, anchor=anchor, anchor_strength=lam))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -98,8 +127,6 @@ def test_clamped_states_stay_in_unit_interval(seed: int, activation: str, beta: 
 
 
 def test_invalid_arguments_name_the_field() -> None:
-    import pytest
-
     with pytest.raises(ValueError, match="eps=0"):
         EnergyBasedNet([4, 3], eps=0.0)
     with pytest.raises(ValueError, match="activation='relu'"):
