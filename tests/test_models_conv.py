@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
 
@@ -18,12 +19,14 @@ from ep_lightning.dynamics import relax
 from ep_lightning.models import ConvPrototypicalNet
 from ep_lightning.models.activations import get_activation
 
-TOL = dict(rtol=1e-10, atol=1e-10)
+TOL = {"rtol": 1e-10, "atol": 1e-10}
 #: The paper's P-conv (28 → 24 → 12 → 8 → 4), and a small 3-conv-layer net with padding (16 → 8 → 4 → 2), which
 #: has a middle conv layer receiving input from below and unpooled feedback from above.
 GEOMETRIES = {
-    "paper": dict(),
-    "three_conv_padded": dict(input_size=16, input_channels=2, channels=[3, 4, 5], kernel_size=3, padding=1, num_classes=6),
+    "paper": {},
+    "three_conv_padded": {
+        "input_size": 16, "input_channels": 2, "channels": [3, 4, 5], "kernel_size": 3, "padding": 1, "num_classes": 6
+    },
 }
 
 
@@ -41,13 +44,6 @@ def random_state(model: ConvPrototypicalNet, batch: int, seed: int = 2) -> tuple
     """Uniform (0, 1) states: no ties inside pooling windows (almost surely), unlike the all-zero initial state."""
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.rand(batch, *shape, generator=g, dtype=torch.float64) for shape in model.init_state_shapes())
-
-
-def autograd_dphi_ds(model: ConvPrototypicalNet, x: torch.Tensor, state: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """∂Φ/∂s for every layer by autograd of Φ: autograd routes s_{i+1}'s gradient through the argmax of the pooling
-    at the *current* s_i, which is what the closed-form feedback convᵀ(unpool(s_{i+1}, indices)) must reproduce."""
-    leaves = [s.clone().requires_grad_(True) for s in state]
-    return list(torch.autograd.grad(model.phi(x, tuple(leaves)).sum(), leaves))
 
 
 # --- geometry ------------------------------------------------------------------------------------------------
@@ -70,19 +66,19 @@ def test_other_geometries_that_fit() -> None:
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(channels=[32, 64, 128]), "channels=[32, 64, 128]"),  # third conv gets 4×4 < 5×5 kernel
-        (dict(kernel_size=6), "kernel_size=6"),  # 28 − 6 + 1 = 23 is odd: not a multiple of pool_size 2
-        (dict(pool_size=3), "pool_size=3"),  # 24 / 3 = 8, 8 − 4 = 4 is not a multiple of 3
-        (dict(input_size=10), "input_size=10"),  # 10 → 6 → 3 → conv gives −1
-        (dict(pool_size=0), "pool_size=0"),
-        (dict(kernel_size=0), "kernel_size=0"),
-        (dict(channels=[]), "channels=[]"),
-        (dict(channels=[32, 0]), "channels=[32, 0]"),
-        (dict(padding=5), "padding=5"),
-        (dict(padding=-1), "padding=-1"),
-        (dict(num_classes=0), "num_classes=0"),
-        (dict(input_channels=0), "input_channels=0"),
-        (dict(activation="relu"), "activation='relu'"),
+        ({"channels": [32, 64, 128]}, "channels=[32, 64, 128]"),  # third conv gets 4×4 < 5×5 kernel
+        ({"kernel_size": 6}, "kernel_size=6"),  # 28 − 6 + 1 = 23 is odd: not a multiple of pool_size 2
+        ({"pool_size": 3}, "pool_size=3"),  # 24 / 3 = 8, 8 − 4 = 4 is not a multiple of 3
+        ({"input_size": 10}, "input_size=10"),  # 10 → 6 → 3 → conv gives −1
+        ({"pool_size": 0}, "pool_size=0"),
+        ({"kernel_size": 0}, "kernel_size=0"),
+        ({"channels": []}, "channels=[]"),
+        ({"channels": [32, 0]}, "channels=[32, 0]"),
+        ({"padding": 5}, "padding=5"),
+        ({"padding": -1}, "padding=-1"),
+        ({"num_classes": 0}, "num_classes=0"),
+        ({"input_channels": 0}, "input_channels=0"),
+        ({"activation": "relu"}, "activation='relu'"),
     ],
 )
 def test_invalid_geometry_raises_naming_field(kwargs: dict, field: str) -> None:
@@ -106,7 +102,9 @@ def test_step_equals_sigma_of_autograd_dphi(geometry: str, activation: str) -> N
     model = make(geometry, activation)
     x, state = random_input(model, 3), random_state(model, 3)
     sigma, _ = get_activation(activation)
-    expected = [sigma(g) for g in autograd_dphi_ds(model, x, state)]
+    # autograd routes s_{i+1}'s gradient through the argmax of the pooling at the *current* s_i, which is what the
+    # closed-form feedback convᵀ(unpool(s_{i+1}, indices)) must reproduce.
+    expected = reference.prototypical_step(model, x, state, sigma)
     with torch.no_grad():
         got = model.step(state, model.drive(x))
     assert [tuple(g.shape) for g in got] == [tuple(s.shape) for s in state]
@@ -128,8 +126,8 @@ def test_feedback_uses_pool_indices_of_current_state() -> None:
         drive = model.drive(x)
         fb_a = model.step(a, drive)[0] - drive
         fb_b = model.step(b, drive)[0] - drive
-    torch.testing.assert_close(fb_a, autograd_dphi_ds(model, x, a)[0] - drive, **TOL)
-    torch.testing.assert_close(fb_b, autograd_dphi_ds(model, x, b)[0] - drive, **TOL)
+    torch.testing.assert_close(fb_a, reference.dphi_ds(model, x, a)[0] - drive, **TOL)
+    torch.testing.assert_close(fb_b, reference.dphi_ds(model, x, b)[0] - drive, **TOL)
 
 
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
@@ -140,8 +138,7 @@ def test_nudged_step(geometry: str) -> None:
     x, state = random_input(model, 3), random_state(model, 3)
     target = model.encode_target(torch.tensor([0, 2, 5]), x)
     sigma, _ = get_activation("hard_sigmoid")
-    expected = [sigma(g) for g in autograd_dphi_ds(model, x, state)]
-    expected[-1] = expected[-1] + beta * (target - state[-1])
+    expected = reference.prototypical_step(model, x, state, sigma, beta=beta, target=target)
     with torch.no_grad():
         got = model.step(state, model.drive(x), beta, target)
     for g, e in zip(got, expected):
@@ -198,7 +195,9 @@ def test_steps_gradcheck_through_pooling() -> None:
 
 
 # --- learning rule -------------------------------------------------------------------------------------------
-def hand_dphi_dtheta(model: ConvPrototypicalNet, x: torch.Tensor, state: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+def hand_dphi_dtheta(
+    model: ConvPrototypicalNet, x: torch.Tensor, state: tuple[torch.Tensor, ...]
+) -> list[torch.Tensor]:
     """Batch-summed ∂Φ/∂θ in ``model.parameters()`` order, by the formulas of Ernoult et al. (appendix E):
 
     ∂Φ/∂W_i[o, c, a, b] = Σ_{batch, y, z} unpool(s_i)[o, y, z] · pad(s_{i−1})[c, y + a, z + b]   (a correlation),

@@ -3,6 +3,8 @@ the EP surrogate against the hand formula, and states confined to [0, 1]."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import reference
 import torch
@@ -27,9 +29,8 @@ def _random_state(model: EnergyBasedNet, batch: int) -> tuple[torch.Tensor, ...]
 def test_step_equals_autograd_reference(output_dynamics: str, layers: list[int], activation: str, beta: float) -> None:
     """``energy_gradient``: s ← clamp(s − ε ∂(E + βℓ)/∂s); ``linear``: the same for the layers below the output, and
     s_out ← s_out − ε ∂/∂s_out[½‖s_out‖² − s_out·(W ρ(s_L) + b) + βℓ] (tests/reference.py)."""
-    model = EnergyBasedNet(
-        layers, activation=activation, eps=0.3, cost_scale=0.5, output_dynamics=output_dynamics  # type: ignore[arg-type]
-    ).double()
+    dynamics: Any = output_dynamics
+    model = EnergyBasedNet(layers, activation=activation, eps=0.3, cost_scale=0.5, output_dynamics=dynamics).double()
     x = torch.rand(4, 7, dtype=torch.float64)
     y = torch.nn.functional.one_hot(torch.randint(0, 3, (4,)), 3).double()
     state = _random_state(model, 4)
@@ -65,9 +66,8 @@ def test_unknown_output_dynamics_is_rejected_with_the_allowed_values() -> None:
 
 @pytest.mark.parametrize("output_dynamics", ["energy_gradient", "linear"])
 def test_anchor_adds_lambda_times_distance_to_the_gradient(output_dynamics: str) -> None:
-    model = EnergyBasedNet(
-        [6, 5, 3], activation="hard_sigmoid", eps=0.5, cost_scale=1.0, output_dynamics=output_dynamics  # type: ignore[arg-type]
-    ).double()
+    dynamics: Any = output_dynamics
+    model = EnergyBasedNet([6, 5, 3], "hard_sigmoid", eps=0.5, cost_scale=1.0, output_dynamics=dynamics).double()
     x = torch.rand(3, 6, dtype=torch.float64)
     state = _random_state(model, 3)
     anchor = _random_state(model, 3)
@@ -79,7 +79,8 @@ def test_anchor_adds_lambda_times_distance_to_the_gradient(output_dynamics: str)
 
 
 def test_ep_surrogate_gradient_equals_hand_formula() -> None:
-    """∇_W L_EP = −(1/β)(ρ(s^β_{n+1})ρ(s^β_n)ᵀ − ρ(s*_{n+1})ρ(s*_n)ᵀ) (batch mean), since ∂(−E)/∂W_n = ρ(h_{n+1})ρ(h_n)ᵀ."""
+    """∇_W L_EP = −(1/β)(ρ(s^β_{n+1})ρ(s^β_n)ᵀ − ρ(s*_{n+1})ρ(s*_n)ᵀ) (batch mean), since
+    ∂(−E)/∂W_n = ρ(h_{n+1})ρ(h_n)ᵀ."""
     model = EnergyBasedNet([8, 6, 4], activation="sigmoid").double()
     x = torch.rand(5, 8, dtype=torch.float64)
     y = torch.nn.functional.one_hot(torch.randint(0, 4, (5,)), 4).double()
@@ -109,7 +110,9 @@ def test_ep_surrogate_gradient_equals_hand_formula() -> None:
     eps=st.floats(0.01, 1.0),
     weight_scale=st.floats(0.1, 20.0),
 )
-def test_clamped_states_stay_in_unit_interval(seed: int, activation: str, beta: float, eps: float, weight_scale: float) -> None:
+def test_clamped_states_stay_in_unit_interval(
+    seed: int, activation: str, beta: float, eps: float, weight_scale: float
+) -> None:
     """Whatever the weights, input, β and ε, clamped EB states never leave [0, 1] (free and nudged phases)."""
     torch.manual_seed(seed)
     model = EnergyBasedNet([9, 7, 5, 3], activation=activation, eps=eps, clamp=True)

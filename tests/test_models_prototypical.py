@@ -8,6 +8,7 @@ real error (a missing feedback term or a wrong transpose changes entries by O(0.
 from __future__ import annotations
 
 import pytest
+import reference
 import torch
 
 from ep_lightning.algorithms import ep_surrogate
@@ -15,7 +16,7 @@ from ep_lightning.dynamics import relax
 from ep_lightning.models import PrototypicalNet
 from ep_lightning.models.activations import get_activation
 
-TOL = dict(rtol=1e-12, atol=1e-12)
+TOL = {"rtol": 1e-12, "atol": 1e-12}
 DEPTHS = {"1h": [7, 6, 4], "2h": [7, 6, 5, 4], "3h": [7, 6, 5, 5, 4]}
 
 
@@ -29,12 +30,6 @@ def random_state(model: PrototypicalNet, batch: int, seed: int = 1) -> tuple[tor
     return tuple(torch.rand(batch, n, generator=g, dtype=torch.float64) for n in model.layers[1:])
 
 
-def autograd_dphi_ds(model: PrototypicalNet, x: torch.Tensor, state: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """∂Φ/∂s for every layer by autograd of the model's Φ (independent of ``step``)."""
-    leaves = [s.clone().requires_grad_(True) for s in state]
-    return list(torch.autograd.grad(model.phi(x, tuple(leaves)).sum(), leaves))
-
-
 @pytest.mark.parametrize("depth", list(DEPTHS))
 @pytest.mark.parametrize("activation", ["identity", "sigmoid", "hard_sigmoid"])
 def test_step_equals_sigma_of_autograd_dphi(depth: str, activation: str) -> None:
@@ -43,7 +38,7 @@ def test_step_equals_sigma_of_autograd_dphi(depth: str, activation: str) -> None
     x = torch.rand(3, DEPTHS[depth][0], dtype=torch.float64)
     state = random_state(model, 3)
     sigma, _ = get_activation(activation)
-    expected = [sigma(g) for g in autograd_dphi_ds(model, x, state)]
+    expected = reference.prototypical_step(model, x, state, sigma)
     with torch.no_grad():
         got = model.step(state, model.drive(x))
     assert len(got) == len(expected)
@@ -60,9 +55,11 @@ def test_nudged_step_and_leak(depth: str) -> None:
     state = random_state(model, 3)
     target = model.encode_target(torch.tensor([0, 3, 1]), x)
     sigma, _ = get_activation("sigmoid")
-    grads = autograd_dphi_ds(model, x, state)
-    expected = [s + dt * (sigma(g) - s) for s, g in zip(state, grads)]
-    expected[-1] = expected[-1] + dt * beta * (target - state[-1])
+    expected = reference.prototypical_step(model, x, state, sigma, dt=dt, beta=beta, target=target)
+    # The reference's output nudge is −∂ℓ/∂s_out = y − s_out: check it is the one the test means.
+    out = state[-1]
+    by_hand = out + dt * (sigma(reference.dphi_ds(model, x, state)[-1]) - out) + dt * beta * (target - out)
+    torch.testing.assert_close(expected[-1], by_hand, **TOL)
     with torch.no_grad():
         got = model.step(state, model.drive(x), beta, target)
     for g, e in zip(got, expected):
@@ -102,7 +99,8 @@ def test_ep_surrogate_gradient_is_the_ep_update(depth: str) -> None:
     assert not torch.allclose(free[-1], nudged[-1]), "the nudge must move the output for this test to mean anything"
     model.zero_grad()
     ep_surrogate(model, x, free, nudged, beta).backward()
-    hand = [(n - f) / (beta * batch) for n, f in zip(hand_dphi_dtheta(model, x, nudged), hand_dphi_dtheta(model, x, free))]
+    pairs = zip(hand_dphi_dtheta(model, x, nudged), hand_dphi_dtheta(model, x, free))
+    hand = [(n - f) / (beta * batch) for n, f in pairs]
     for p, delta in zip(model.parameters(), hand):
         torch.testing.assert_close(-p.grad, delta, **TOL)
 

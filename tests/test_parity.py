@@ -35,7 +35,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ["p1h", "p2h", "p3h", "eb1h", "eb2h", "pconv"]
 TOL = 1e-10
 
-_spec = importlib.util.spec_from_file_location("parity_fixtures", Path(__file__).parents[1] / "tools" / "parity_fixtures.py")
+_TOOL = Path(__file__).parents[1] / "tools" / "parity_fixtures.py"
+_spec = importlib.util.spec_from_file_location("parity_fixtures", _TOOL)
 parity_tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(parity_tool)  # type: ignore[union-attr]
 

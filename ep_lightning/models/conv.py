@@ -134,7 +134,9 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
                 f"every entry a positive integer (the paper: [32, 64])"
             )
         if int(padding) != padding or not 0 <= padding < kernel_size:
-            raise ValueError(f"padding={padding} is invalid: use an integer with 0 ≤ padding < kernel_size={kernel_size}")
+            raise ValueError(
+                f"padding={padding} is invalid: use an integer with 0 ≤ padding < kernel_size={kernel_size}"
+            )
         self.readout = check_readout(readout)
         if relaxation_conv_dtype not in CONV_DTYPES:
             raise ValueError(
@@ -146,7 +148,8 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         self.sigma, _ = get_activation(activation)
         self.activation_name = activation
         self.input_size, self.input_channels = int(input_size), int(input_channels)
-        self.channels, self.kernel_size, self.padding, self.pool_size = channels, int(kernel_size), int(padding), int(pool_size)
+        self.channels, self.kernel_size = channels, int(kernel_size)
+        self.padding, self.pool_size = int(padding), int(pool_size)
         self.num_classes = int(num_classes)
         self.conv_sizes, self.state_sizes = conv_pool_sizes(
             self.input_size, channels, self.kernel_size, self.padding, self.pool_size
@@ -164,7 +167,8 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
 
     def init_state(self, x: Tensor) -> State:
         w = self.fc.weight
-        return tuple(torch.zeros(x.shape[0], *shape, dtype=w.dtype, device=w.device) for shape in self.init_state_shapes())
+        shapes = self.init_state_shapes()
+        return tuple(torch.zeros(x.shape[0], *shape, dtype=w.dtype, device=w.device) for shape in shapes)
 
     def _image(self, x: Tensor) -> Tensor:
         """x as (B, input_channels, input_size, input_size); flat (B, C·H·W) inputs are reshaped."""
@@ -172,7 +176,8 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         if x.shape[1:] != shape:
             if x[0].numel() != self.input_channels * self.input_size**2:
                 raise ValueError(
-                    f"input of shape {tuple(x.shape)} does not fit the model: expected (batch, {', '.join(map(str, shape))}) "
+                    f"input of shape {tuple(x.shape)} does not fit the model: expected "
+                    f"(batch, {', '.join(map(str, shape))}) "
                     f"(input_channels={self.input_channels}, input_size={self.input_size})"
                 )
             x = x.reshape(x.shape[0], *shape)

@@ -47,7 +47,8 @@ class LayeredNet(EnergyModel):
     def init_state(self, x: Tensor) -> State:
         """s_n = 0 for every state layer, in the parameters' dtype and device."""
         w = self.synapses[0].weight
-        return tuple(torch.zeros(x.shape[0], n, dtype=w.dtype, device=w.device) for n in self.layers[1 : 1 + self.n_dynamic])
+        sizes = self.layers[1 : 1 + self.n_dynamic]
+        return tuple(torch.zeros(x.shape[0], n, dtype=w.dtype, device=w.device) for n in sizes)
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         """One group per synapse (W_n, b_n), input → output."""

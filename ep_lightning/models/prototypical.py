@@ -103,7 +103,8 @@ class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
         first, *above = self.synapses
         biases = tuple(syn.bias * a + c for syn in above[: self.n_dynamic - 1])
         weights = tuple(syn.weight for syn in above[: self.n_dynamic])
-        return PrototypicalDrive(torch.addmm(first.bias * a + c, x.flatten(1), first.weight.T, alpha=a), biases, weights)
+        first_drive = torch.addmm(first.bias * a + c, x.flatten(1), first.weight.T, alpha=a)
+        return PrototypicalDrive(first_drive, biases, weights)
 
     def step(self, state: State, drive: PrototypicalDrive, beta: Beta = 0.0, target: Tensor | None = None) -> State:
         """h_{n+1} ← σ(W_n h_n + b_n + W_{n+1}ᵀ h_{n+2}) for every layer from the old state (dt = 1), leaky with dt,
