@@ -209,7 +209,7 @@ def test_pconv_stale_indices_are_the_only_ep_update_difference() -> None:
 
 def test_eb_energy_gradient_output_is_not_the_authors_dynamics() -> None:
     """The default ``output_dynamics='energy_gradient'`` (ρ'(s_out) on the output's drive) is a different dynamics
-    from the authors' EPcont: its free state differs by far more than round-off (it is ~1e-2 relative at EB-1h)."""
+    from the authors' EPcont: its free output differs by far more than round-off (0.45 relative at EB-1h)."""
     fixture = load("eb1h")
     got = ours("eb1h", "energy_gradient")["free"]
     assert relative_error(got[-1], fixture["free"][-1]) > 1e-3

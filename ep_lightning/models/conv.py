@@ -114,8 +114,8 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
                 learning rates stay one per layer: conv_1 … conv_L, then fc (the read-out for ``ce``).
             relaxation_conv_dtype: dtype of the convolutions inside the relaxation steps (``step``): ``float32`` (the
                 default, exact) or ``bfloat16`` (inputs and kernels rounded to bfloat16, products accumulated by the
-                backend, results cast back: states, Φ and the EP update stay float32). ~2× faster convolutions on
-                CPUs with AVX512-BF16 and on GPUs, at a cost in accuracy measured in the README ("Performance").
+                backend, results cast back: states, Φ and the EP update stay float32). Faster convolutions on
+                hardware with bfloat16 arithmetic, at a cost in accuracy (speed and accuracy: docs/performance.md).
         """
         super().__init__()
         channels = [int(c) for c in channels]
@@ -187,9 +187,9 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
     def _pool(self, i: int, below: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """P(conv_i(below)) and the argmax indices of the pooling (i is 0-based; the convolution in ``dtype``).
 
-        The pooling runs on a channels-last copy: torch's CPU max-pool with indices is ~15× slower on NCHW tensors
-        of these shapes (367 vs 24 µs for 20×64×8×8); values and indices are the same (a max is exact, the index
-        is h·W + w in either layout), and both come back contiguous."""
+        On CPU the pooling runs on a channels-last copy, where torch's max-pool with indices is much faster for these
+        shapes (docs/performance.md); values and indices are the same (a max is exact, the index is h·W + w in either
+        layout), and both come back contiguous."""
         out = convolve(self.convs[i], below, dtype)
         if out.device.type == "cpu":
             out = out.contiguous(memory_format=torch.channels_last)

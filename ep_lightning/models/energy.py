@@ -1,7 +1,8 @@
 """Layered fully-connected energy-based (EB) networks: Hopfield-like energy, Euler steps on E.
 
-Used for the EB rows of Ernoult et al. 2019 (ε = 0.2, paper sigmoid ρ) and, with ρ = hard sigmoid, ε = 0.5 and
-c = 1, for the equilibrating network of Initialized EP (O'Connor et al. 2019).
+Used for the EB rows of Ernoult et al. 2019 (ε = 0.2, paper sigmoid ρ, ``output_dynamics='linear'`` as in their code)
+and, with ρ = hard sigmoid, ε = 0.5, c = 1 and ``output_dynamics='energy_gradient'`` (as in QUVA-Lab/init-eqprop),
+for the equilibrating network of Initialized EP (O'Connor et al. 2019).
 """
 
 from __future__ import annotations
