@@ -71,7 +71,8 @@ def classify(returncode: int | None, output: str) -> tuple[float | None, bool, s
     acc = float(match[-1]) if match else None
     if returncode is None:
         return acc, True, "killed (timeout)"
-    if "DivergenceError" in output or re.search(r"error: .*diverge", output, re.IGNORECASE):
+    # cli_main prints a divergence as one line "error: …" and exits 1 (other user errors exit 2).
+    if "DivergenceError" in output or (returncode == 1 and re.search(r"^error: ", output, re.MULTILINE)):
         return acc, True, "divergence error"
     if returncode != 0:
         last = next((line for line in reversed(output.strip().splitlines()) if line.strip()), "")
