@@ -1,6 +1,6 @@
 """One command that proves and measures the accelerator path, within a time budget.
 
-    python benchmarks/device_check.py [--budget 480] [--out device_check] [--device auto|cuda|cpu] [--quick]
+    python benchmarks/device_check.py [--budget 480] [--out runs/device_check] [--device auto|cuda|cpu] [--quick]
 
 Parts, in order, each in its own subprocess with a timeout taken from the remaining budget (a failing or timed-out
 part is recorded in the JSON and the check goes on):
@@ -477,7 +477,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=480.0, help="wall-clock seconds for the whole check")
-    parser.add_argument("--out", type=Path, default=ROOT / "device_check")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "device_check")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny data and few steps: the code paths, not figures")
     parser.add_argument("--per_setting", type=float, default=10.0, help="seconds of timed training per setting")
