@@ -1,12 +1,13 @@
 """Training and evaluation throughput of a config, through the real LightningModule (not a copy).
 
-    python benchmarks/throughput.py --config configs/mnist/p1h_ep.yaml [--batches 200] [--device cpu|cuda]
-        [--threads 1] [--set model.init_args.T=40 ...]
+    python benchmarks/throughput.py --config configs/mnist/p1h_ep.yaml [--batches 200] [--seconds S]
+        [--device cpu|cuda] [--threads 1] [--set model.init_args.T=40 ...]
 
 Prints a human-readable summary, then one JSON line with keys including ``train_samples_per_s``,
 ``eval_samples_per_s``, ``epoch_s`` (60k samples extrapolated), ``peak_mem_mb``, ``activation_mb`` (autograd-saved
 tensors of one training step: the BPTT trajectory) and the machine (CPU, threads, torch, GPU).
-Timing excludes ``--warmup`` batches (compilation, allocator warm-up). Never used for assertions.
+Timing excludes ``--warmup`` batches (compilation, allocator warm-up); ``--seconds`` ends the timed training early
+(after at least one timed batch). Never used for assertions.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from ep_lightning.runtime import configure_threads, tune_allocator
 class BatchTimer(L.Callback):
     """Wall time of training batches after ``warmup`` batches (synchronising CUDA at both ends)."""
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, seconds: float | None = None) -> None:
         self.warmup = warmup
+        self.seconds = seconds
         self.start: float | None = None
         self.timed_batches = 0
         self.samples = 0
@@ -49,6 +51,8 @@ class BatchTimer(L.Callback):
         if batch_idx >= self.warmup:
             self.timed_batches += 1
             self.samples += batch[1].shape[0]
+            if self.seconds is not None and time.perf_counter() - self.start >= self.seconds:
+                trainer.should_stop = True
 
     def elapsed(self, module: L.LightningModule) -> float:
         self._sync(module)
@@ -61,6 +65,7 @@ def activation_megabytes(module: L.LightningModule, batch) -> float | None:
     modules other than EquilibriumModule (Initialized EP)."""
     if not hasattr(module, "ep_phases"):
         return None
+    net = inner_network(module)
     saved = 0
 
     def pack(t: torch.Tensor):
@@ -70,18 +75,31 @@ def activation_megabytes(module: L.LightningModule, batch) -> float | None:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         x, labels = batch
-        target = module.model.encode_target(labels, x)
+        target = net.encode_target(labels, x)
         if module.algorithm == "ep":
             from ep_lightning.algorithms import ep_surrogate
 
             free, nudged = module.ep_phases(x, target)
-            ep_surrogate(module.model, x, free, nudged, module.beta)
+            ep_surrogate(net, x, free, nudged, module.beta)
         else:
             from ep_lightning.algorithms import bptt_loss
 
             _, final = module.bptt_forward(x)
-            bptt_loss(module.model, final, target)
+            bptt_loss(net, final, target)
     return saved / 2**20
+
+
+def inner_network(module: L.LightningModule) -> torch.nn.Module:
+    """The system's energy model: attribute ``net`` (``model`` in systems that predate that name)."""
+    return module.net if hasattr(module, "net") else module.model
+
+
+def phase_steps(module: L.LightningModule) -> tuple[int, int]:
+    """(free / negative-phase steps, nudged / positive-phase steps): ``T``, ``K`` (``T_minus``, ``T_plus`` in
+    Initialized EP systems that predate the shared names)."""
+    if hasattr(module, "T_minus"):
+        return module.T_minus, module.T_plus
+    return module.T, module.K
 
 
 def machine() -> dict:
@@ -99,18 +117,22 @@ def machine() -> dict:
     return info
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--batches", type=int, default=200, help="timed training batches")
+    parser.add_argument("--batches", type=int, default=200, help="timed training batches (at most)")
+    parser.add_argument("--seconds", type=float, default=None, help="stop the timed training after this many seconds")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--eval_batches", type=int, default=5, help="timed evaluation batches (eval_batch_size each)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no_malloc_tuning", action="store_true", help="leave glibc's allocator thresholds as they are")
     parser.add_argument("--set", nargs="*", default=[], help="extra CLI overrides key=value, e.g. model.init_args.T=40")
-    args = parser.parse_args()
-    sys.argv = sys.argv[:1]  # the CLI below gets its arguments explicitly
+    return parser.parse_args(argv)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Train ``warmup + batches`` batches and time evaluation of ``eval_batches``; returns the JSON record."""
     configure_threads(args.threads)
     malloc_tuned = not args.no_malloc_tuning and tune_allocator()
 
@@ -122,7 +144,8 @@ def main() -> None:
     cli = cli_main(
         ["--config", args.config, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.accelerator", args.device, "--trainer.callbacks", "[]", "--trainer.max_epochs", "1",
+         "--trainer.accelerator", args.device, "--trainer.devices", "1", "--trainer.callbacks", "[]",
+         "--trainer.max_epochs", "1",
          "--trainer.limit_train_batches", str(train_batches), "--trainer.limit_val_batches", "0",
          "--trainer.limit_test_batches", str(args.eval_batches + 1),
          "--trainer.default_root_dir", "/tmp/ep_benchmark", "--threads", str(torch.get_num_threads()),
@@ -130,7 +153,7 @@ def main() -> None:
         run=False,
     )
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    timer = BatchTimer(args.warmup)
+    timer = BatchTimer(args.warmup, args.seconds)
     trainer.callbacks.append(timer)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -159,15 +182,12 @@ def main() -> None:
     module.train()
     sample_batch = trainer.strategy.batch_to_device(next(iter(datamodule.train_dataloader())))
     act_mb = activation_megabytes(module, sample_batch)
-    # EquilibriumModule: T, K; Initialized EP: T⁻ (negative phase from the initializer's guess), T⁺ (positive phase).
-    free_steps, nudged_steps = (getattr(module, "T_minus", None), getattr(module, "T_plus", None))
-    if free_steps is None:
-        free_steps, nudged_steps = module.T, module.K
+    free_steps, nudged_steps = phase_steps(module)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {
+    return {
         "config": args.config,
         "overrides": args.set,
         "module": type(module).__name__,
@@ -175,7 +195,9 @@ def main() -> None:
         "T": free_steps,
         "K": nudged_steps,
         "batch_size": datamodule.hparams.batch_size,
+        "timed_batches": timer.timed_batches,
         "train_samples_per_s": round(train_rate, 1),
+        "train_ms_per_batch": round(1e3 * train_s / max(timer.timed_batches, 1), 3),
         "epoch_s": round(60000 / train_rate, 1),
         "eval_samples_per_s": round(eval_rate, 1),
         "peak_mem_mb": round(peak, 1),
@@ -185,9 +207,16 @@ def main() -> None:
         "malloc_tuning": malloc_tuned,
         **machine(),
     }
-    print(f"{args.config}: train {train_rate:,.0f} samples/s ({60000 / train_rate:.1f} s/epoch), "
-          f"eval {eval_rate:,.0f} samples/s, activations {'n/a' if act_mb is None else f'{act_mb:.2f} MB'}, "
-          f"peak {peak:.0f} MB")
+
+
+def main() -> None:
+    args = parse_args()
+    sys.argv = sys.argv[:1]  # the CLI below gets its arguments explicitly
+    result = measure(args)
+    train_rate, act_mb = result["train_samples_per_s"], result["activation_mb"]
+    print(f"{args.config}: train {train_rate:,.0f} samples/s ({result['epoch_s']:.1f} s/epoch, "
+          f"{result['train_ms_per_batch']:.3f} ms/batch), eval {result['eval_samples_per_s']:,.0f} samples/s, "
+          f"activations {'n/a' if act_mb is None else f'{act_mb:.2f} MB'}, peak {result['peak_mem_mb']:.0f} MB")
     print(json.dumps(result))
 
 
