@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.relaxation import RelaxationTrace, relax
 from ep_lightning.models.base import EnergyModel, State
 
 __all__ = [

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from ep_lightning.algorithms import ep_surrogate
+from ep_lightning.estimators import ep_surrogate
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, PrototypicalNet
 from ep_lightning.models.base import EnergyModel
 from ep_lightning.systems import EquilibriumModule

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ep_lightning.callbacks import ConvergenceMonitor
 from ep_lightning.callbacks.convergence import saturation_fraction, steps_to_tolerance, unconverged_fraction
-from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.relaxation import RelaxationTrace, relax
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.prototypical import PrototypicalNet
 from ep_lightning.systems import EquilibriumModule

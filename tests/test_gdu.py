@@ -17,11 +17,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from ep_lightning.algorithms import bptt_loss, ep_surrogate
+from ep_lightning.estimators import bptt_loss, ep_surrogate
 from ep_lightning.callbacks import GDUMonitor
 from ep_lightning.cli import cli_main
 from ep_lightning.data import MNISTDataModule
-from ep_lightning.dynamics import relax
+from ep_lightning.relaxation import relax
 from ep_lightning.gdu import (
     GDUResult,
     bptt_gradients,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ep_lightning.data import MNISTDataModule
-from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.relaxation import RelaxationTrace, relax
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, FeedforwardInitializer, PrototypicalNet
 from ep_lightning.models.initializer import leaky_hard_sigmoid_derivative
 from ep_lightning.systems import EquilibriumModule, InitializedEP, InitializerDistillation

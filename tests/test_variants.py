@@ -18,10 +18,10 @@ import torch.nn.functional as F
 import yaml
 from test_algorithms import _ep_vs_bptt_relative_error
 
-from ep_lightning.algorithms import ep_surrogate
+from ep_lightning.estimators import ep_surrogate
 from ep_lightning.cli import cli_main
 from ep_lightning.data import MNISTDataModule, load_idx, to_float_images
-from ep_lightning.dynamics import RelaxationTrace, StoppingRule, relax
+from ep_lightning.relaxation import RelaxationTrace, StoppingRule, relax
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, PrototypicalNet
 from ep_lightning.models.activations import get_activation
 from ep_lightning.models.nudging import repeat_batch

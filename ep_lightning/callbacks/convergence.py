@@ -53,8 +53,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from ep_lightning.algorithms import ep_surrogate
-from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.estimators import ep_surrogate
+from ep_lightning.relaxation import RelaxationTrace, relax
 from ep_lightning.models.activations import ACTIVATION_BOUNDS
 from ep_lightning.models.base import EnergyModel, State
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.relaxation import RelaxationTrace, relax
 
 
 class InitializationMonitor(L.Callback):

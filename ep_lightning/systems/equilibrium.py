@@ -11,14 +11,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from ep_lightning.algorithms import bptt_loss, ep_surrogate
+from ep_lightning.estimators import bptt_loss, ep_surrogate
 from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
-from ep_lightning.dynamics import RelaxationTrace, StoppingRule, relax
+from ep_lightning.relaxation import RelaxationTrace, StoppingRule, relax
 from ep_lightning.metrics import EpochMeans
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.random_sign import SignGenerator, run_seed
-from ep_lightning.relaxation import CompiledPhases
+from ep_lightning.compile import CompiledPhases
 from ep_lightning.resume import catch_up_epoch_schedulers
 from ep_lightning.validation import ConfigError, check_module_fits_datamodule
 from ep_lightning.warm_start import PersistentStates

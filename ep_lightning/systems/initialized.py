@@ -40,9 +40,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ep_lightning.algorithms import ep_surrogate
+from ep_lightning.estimators import ep_surrogate
 from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
-from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.relaxation import RelaxationTrace, relax
 from ep_lightning.metrics import EpochMeans
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.initializer import FeedforwardInitializer, layer_contrast_losses

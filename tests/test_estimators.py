@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_lightning.algorithms import bptt_loss, ep_surrogate
-from ep_lightning.dynamics import relax
+from ep_lightning.estimators import bptt_loss, ep_surrogate
+from ep_lightning.relaxation import relax
 from ep_lightning.models import EnergyBasedNet, PrototypicalNet
 from ep_lightning.systems import EquilibriumModule
 
