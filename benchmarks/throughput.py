@@ -72,12 +72,12 @@ def activation_megabytes(module: L.LightningModule, batch) -> float | None:
         x, labels = batch
         target = module.model.encode_target(labels, x)
         if module.algorithm == "ep":
-            from ep_lightning.algorithms import ep_surrogate
+            from ep_lightning.estimators import ep_surrogate
 
             free, nudged = module.ep_phases(x, target)
             ep_surrogate(module.model, x, free, nudged, module.beta)
         else:
-            from ep_lightning.algorithms import bptt_loss
+            from ep_lightning.estimators import bptt_loss
 
             _, final = module.bptt_forward(x)
             bptt_loss(module.model, final, target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_lightning.dynamics import relax
+from ep_lightning.relaxation import relax
 from ep_lightning.models import EnergyBasedNet, EnergyModel, PrototypicalNet
 
 

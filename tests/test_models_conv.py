@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ep_lightning.algorithms import ep_surrogate
-from ep_lightning.dynamics import relax
+from ep_lightning.estimators import ep_surrogate
+from ep_lightning.relaxation import relax
 from ep_lightning.models import ConvPrototypicalNet
 from ep_lightning.models.activations import get_activation
 

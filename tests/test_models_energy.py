@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ep_lightning.algorithms import ep_surrogate
-from ep_lightning.dynamics import relax
+from ep_lightning.estimators import ep_surrogate
+from ep_lightning.relaxation import relax
 from ep_lightning.models import EnergyBasedNet
 from ep_lightning.models.activations import ACTIVATIONS
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_lightning.algorithms import ep_surrogate
-from ep_lightning.dynamics import relax
+from ep_lightning.estimators import ep_surrogate
+from ep_lightning.relaxation import relax
 from ep_lightning.models import PrototypicalNet
 from ep_lightning.models.activations import get_activation
 
