@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ep_lightning.estimators import ep_surrogate
-from ep_lightning.relaxation import relax
 from ep_lightning.models import ConvPrototypicalNet
 from ep_lightning.models.activations import get_activation
+from ep_lightning.relaxation import relax
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 #: The paper's P-conv (28 → 24 → 12 → 8 → 4), and a small 3-conv-layer net with padding (16 → 8 → 4 → 2), which

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ep_lightning.estimators import ep_surrogate
-from ep_lightning.relaxation import relax
 from ep_lightning.models import EnergyBasedNet
 from ep_lightning.models.activations import ACTIVATIONS
+from ep_lightning.relaxation import relax
 
 
 def _random_state(model: EnergyBasedNet, batch: int) -> tuple[torch.Tensor, ...]:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ep_lightning.estimators import ep_surrogate
-from ep_lightning.relaxation import relax
 from ep_lightning.models import PrototypicalNet
 from ep_lightning.models.activations import get_activation
+from ep_lightning.relaxation import relax
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 DEPTHS = {"1h": [7, 6, 4], "2h": [7, 6, 5, 4], "3h": [7, 6, 5, 5, 4]}
