@@ -1,4 +1,4 @@
-"""The two learning rules as scalar losses whose gradient *is* the update.
+"""The learning rules as scalar losses whose gradient *is* the update.
 
 Both go through ``LightningModule.manual_backward`` so that DDP all-reduces them like any gradient.
 """
@@ -9,18 +9,26 @@ from torch import Tensor
 
 from ep_lightning.models.base import EnergyModel, State
 
+#: A nudging pair (β_a, β_b), β_a < β_b or β_b < β_a: one-sided (0, β), random sign (0, ±β), symmetric (−β, +β).
+NudgingPair = tuple[float, float]
 
-def ep_surrogate(model: EnergyModel, x: Tensor, free: State, nudged: State, beta: float) -> Tensor:
-    """EP surrogate L_EP = mean_batch[Φ(x, s*, θ) − Φ(x, s^β, θ)] / β, states detached.
 
-    Its gradient is −Δθ with Δθ = (1/β)(∂Φ/∂θ(s^β) − ∂Φ/∂θ(s*)), the EP update (batch mean); for EB models
-    (Φ = −E) that is Δθ = (1/β)(∂E/∂θ(s*) − ∂E/∂θ(s^β)). A gradient-descent step on L_EP applies θ ← θ + η Δθ.
+def ep_surrogate(net: EnergyModel, x: Tensor, state_a: State, state_b: State, betas: NudgingPair) -> Tensor:
+    """L_EP = mean_batch[Φ(x, s_{β_a}, θ) − Φ(x, s_{β_b}, θ)] / (β_b − β_a), states detached.
+
+    −∇_θ L_EP = (∂Φ/∂θ(s_{β_b}) − ∂Φ/∂θ(s_{β_a})) / (β_b − β_a): the EP update Δθ for the nudging pair (β_a, β_b),
+    the batch mean. One-sided (0, β) gives (1/β)(∂Φ/∂θ(s^β) − ∂Φ/∂θ(s*)); symmetric (−β, β) gives
+    (1/2β)(∂Φ/∂θ(s^{+β}) − ∂Φ/∂θ(s^{−β})). For EB models (Φ = −E) the same with E's sign. A gradient-descent step on
+    L_EP applies θ ← θ + η Δθ.
     """
-    free = tuple(s.detach() for s in free)
-    nudged = tuple(s.detach() for s in nudged)
-    return model.ep_contrast(x, free, nudged) / (beta * x.shape[0])
+    beta_a, beta_b = betas
+    if beta_a == beta_b:
+        raise ValueError(f"nudging pair {betas} is invalid: β_a and β_b must differ (the update divides by β_b − β_a)")
+    state_a = tuple(s.detach() for s in state_a)
+    state_b = tuple(s.detach() for s in state_b)
+    return net.ep_contrast(x, state_a, state_b) / ((beta_b - beta_a) * x.shape[0])
 
 
-def bptt_loss(model: EnergyModel, state: State, target: Tensor) -> Tensor:
-    """L = mean_batch ½‖s_out^T − y‖², the loss BPTT back-propagates through the last K steps."""
-    return model.cost(state, target).mean()
+def bptt_loss(net: EnergyModel, state: State, target: Tensor) -> Tensor:
+    """L = mean_batch ℓ(s^T, y), the loss BPTT back-propagates through the last steps of the relaxation."""
+    return net.cost(state, target).mean()
