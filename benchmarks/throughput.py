@@ -57,9 +57,11 @@ class BatchTimer(L.Callback):
 
 
 def activation_megabytes(module: L.LightningModule, batch) -> float | None:
-    """MB of tensors autograd saves for backward during one training step (what BPTT stores per step); None for
-    modules other than EquilibriumModule (Initialized EP)."""
-    if not hasattr(module, "ep_phases"):
+    """MB of tensors autograd saves for backward during one training step's update (what BPTT stores per step);
+    None for systems without an EP / BPTT update (initializer distillation)."""
+    from ep_lightning.systems import EPSystem
+
+    if not isinstance(module, EPSystem):
         return None
     saved = 0
 
@@ -69,18 +71,13 @@ def activation_megabytes(module: L.LightningModule, batch) -> float | None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x, labels = batch
-        target = module.model.encode_target(labels, x)
+        x, labels = batch[0], batch[1]
+        target = module.net.encode_target(labels, x)
+        start = module.initial_state(x)
         if module.algorithm == "ep":
-            from ep_lightning.estimators import ep_surrogate
-
-            free, nudged = module.ep_phases(x, target)
-            ep_surrogate(module.model, x, free, nudged, module.beta)
+            module.ep_update(x, target, start)
         else:
-            from ep_lightning.estimators import bptt_loss
-
-            _, final = module.bptt_forward(x)
-            bptt_loss(module.model, final, target)
+            module.bptt_update(x, target, start)
     return saved / 2**20
 
 
@@ -159,10 +156,7 @@ def main() -> None:
     module.train()
     sample_batch = trainer.strategy.batch_to_device(next(iter(datamodule.train_dataloader())))
     act_mb = activation_megabytes(module, sample_batch)
-    # EquilibriumModule: T, K; Initialized EP: T⁻ (negative phase from the initializer's guess), T⁺ (positive phase).
-    free_steps, nudged_steps = (getattr(module, "T_minus", None), getattr(module, "T_plus", None))
-    if free_steps is None:
-        free_steps, nudged_steps = module.T, module.K
+    free_steps, nudged_steps = module.T, module.K
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:

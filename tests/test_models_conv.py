@@ -242,7 +242,7 @@ def test_ep_surrogate_gradient_is_the_ep_update(geometry: str) -> None:
         nudged = relax(model, drive, free, 5, beta, target)
     assert not torch.allclose(free[-1], nudged[-1]), "the nudge must move the output for this test to mean anything"
     model.zero_grad()
-    ep_surrogate(model, x, free, nudged, beta).backward()
+    ep_surrogate(model, x, free, nudged, (0.0, beta)).backward()
     hand_n, hand_f = hand_dphi_dtheta(model, x, nudged), hand_dphi_dtheta(model, x, free)
     for p, n, f in zip(model.parameters(), hand_n, hand_f):
         torch.testing.assert_close(-p.grad, (n - f) / (beta * batch), **TOL)

@@ -59,7 +59,7 @@ def test_ep_surrogate_gradient_equals_hand_formula() -> None:
         drive = model.drive(x)
         free = relax(model, drive, model.init_state(x), 20)
         nudged = relax(model, drive, free, 5, beta, y)
-    grads = torch.autograd.grad(ep_surrogate(model, x, free, nudged, beta), list(model.parameters()))
+    grads = torch.autograd.grad(ep_surrogate(model, x, free, nudged, (0.0, beta)), list(model.parameters()))
     rho = model.rho
     layers_free = (x,) + free
     layers_nudged = (x,) + nudged
