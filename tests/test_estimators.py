@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ep_lightning.estimators import bptt_loss, ep_surrogate
-from ep_lightning.relaxation import relax
 from ep_lightning.models import EnergyBasedNet, PrototypicalNet
+from ep_lightning.relaxation import relax
 from ep_lightning.systems import EquilibriumModule
 
 
@@ -34,8 +34,9 @@ def test_bptt_gradient_matches_naive_unrolled_computation() -> None:
     x = torch.rand(6, 12, dtype=torch.float64)
     y = torch.nn.functional.one_hot(torch.randint(0, 4, (6,)), 4).double()
     module = EquilibriumModule(model, algorithm="bptt", T=15, K=6)
-    _, final = module.bptt_forward(x)
-    grads = torch.autograd.grad(bptt_loss(model, final, y), list(model.parameters()))
+    loss, final, _, _ = module.bptt_update(x, y, model.init_state(x))
+    torch.testing.assert_close(loss, bptt_loss(model, final, y), rtol=0, atol=0)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
     expected = naive_p1h_bptt_grads(model, x, y, T=15, K=6)
     for got, want in zip(grads, expected):
         # Same float64 operations in a different order: agreement to rounding (1e-12 relative).
@@ -57,7 +58,7 @@ def _ep_vs_bptt_relative_error(model, x, y, T: int, K: int, beta: float, nudging
         module = EquilibriumModule(model, T=T, K=K, beta=beta, nudging="symmetric")
         ep = torch.autograd.grad(module.ep_update(x, y, model.init_state(x))[0], params)
     else:
-        ep = torch.autograd.grad(ep_surrogate(model, x, free, nudged, beta), params)
+        ep = torch.autograd.grad(ep_surrogate(model, x, free, nudged, (0.0, beta)), params)
     # BPTT from the converged state: K steps with graph (T − K already converged, so starting at s* is equivalent).
     final = relax(model, model.drive(x), free, K)
     bptt = torch.autograd.grad(bptt_loss(model, final, y), params)

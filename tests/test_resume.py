@@ -36,7 +36,7 @@ EP_SYSTEM = {
 IEP_SYSTEM = {
     "class_path": "ep_lightning.systems.InitializedEP",
     "init_args": {
-        "T_minus": 4, "T_plus": 2, "beta": 0.5, "random_sign": True, "lam": 0.1, "lrs": [0.1, 0.05],
+        "T": 4, "K": 2, "beta": 0.5, "nudging": "random_sign", "lam": 0.1, "lrs": [0.1, 0.05],
         "model": {"class_path": "ep_lightning.models.EnergyBasedNet",
                   "init_args": {"layers": [784, 16, 10], "activation": "hard_sigmoid", "eps": 0.5, "cost_scale": 1.0}},
         "initializer": {"class_path": "ep_lightning.models.FeedforwardInitializer", "init_args": {"layers": [784, 16, 10]}},

@@ -16,18 +16,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from test_algorithms import _ep_vs_bptt_relative_error
+from test_estimators import _ep_vs_bptt_relative_error
 
-from ep_lightning.estimators import ep_surrogate
 from ep_lightning.cli import cli_main
 from ep_lightning.data import MNISTDataModule, load_idx, to_float_images
-from ep_lightning.relaxation import RelaxationTrace, StoppingRule, relax
+from ep_lightning.estimators import ep_surrogate
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, PrototypicalNet
 from ep_lightning.models.activations import get_activation
 from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.random_sign import SignGenerator
+from ep_lightning.relaxation import RelaxationTrace, StoppingRule, relax
 from ep_lightning.systems import EquilibriumModule
-from ep_lightning.systems.equilibrium import SIGN_GENERATOR_KEY, WARM_START_KEY
+from ep_lightning.systems.base import SIGN_GENERATOR_KEY
+from ep_lightning.systems.equilibrium import WARM_START_KEY
 from ep_lightning.warm_start import PersistentStates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,17 +166,16 @@ def test_batched_plus_minus_beta_equals_two_sequential_nudged_phases(kind: str) 
         free = relax(model, drive, model.init_state(x), 20)
         plus = relax(model, drive, free, 6, 0.3, y)
         minus = relax(model, drive, free, 6, -0.3, y)
-    doubled = module.symmetric_phases(x, y, free)
-    B = x.shape[0]
-    for p, m, d in zip(plus, minus, doubled):
-        assert d.shape[0] == 2 * B
-        torch.testing.assert_close(d[:B], p, **EXACT)
-        torch.testing.assert_close(d[B:], m, **EXACT)
+    free_, got_minus, got_plus = module.phases(x, y, model.init_state(x), (-0.3, 0.3))
+    for f, p, m, f_, gp, gm in zip(free, plus, minus, free_, got_plus, got_minus):
+        torch.testing.assert_close(f_, f, **EXACT)
+        torch.testing.assert_close(gp, p, **EXACT)
+        torch.testing.assert_close(gm, m, **EXACT)
     assert any((p - m).abs().max() > 1e-4 for p, m in zip(plus, minus)), "the two phases must differ"
     # and the module's update is the symmetric formula built from the sequential phases
     got = grads_of(module.ep_update(x, y, model.init_state(x))[0], model)
-    contrast = ep_surrogate(model, x, minus, plus, 0.6)
-    readout = model.readout_loss(free, y) if hasattr(model, "readout_loss") else None
+    contrast = ep_surrogate(model, x, minus, plus, (-0.3, 0.3))
+    readout = model.readout_loss(free, y)
     want = grads_of(contrast + readout if readout is not None else contrast, model)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **EXACT)
@@ -335,17 +335,17 @@ def test_random_sign_update_uses_the_drawn_sign_and_checkpoint_restores_the_stre
         with torch.no_grad():
             free = relax(model, model.drive(x), model.init_state(x), 20)
             nudged = relax(model, model.drive(x), free, 5, beta, y)
-        want = grads_of(ep_surrogate(model, x, free, nudged, beta), model)
+        want = grads_of(ep_surrogate(model, x, free, nudged, (0.0, beta)), model)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, **EXACT)
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
-    expected = [module.draw_beta() for _ in range(10)]
+    expected = [module.nudging_pair()[1] for _ in range(10)]
     restored = EquilibriumModule(tiny("p1h_mse"), beta=0.3, nudging="random_sign", sign_seed=99)
     restored.on_load_checkpoint(checkpoint)
-    assert [restored.draw_beta() for _ in range(10)] == expected
+    assert [restored.nudging_pair()[1] for _ in range(10)] == expected
     clone = pickle.loads(pickle.dumps(module))
-    assert [clone.draw_beta() for _ in range(10)] == [module.draw_beta() for _ in range(10)]
+    assert [clone.nudging_pair()[1] for _ in range(10)] == [module.nudging_pair()[1] for _ in range(10)]
 
 
 # --- adaptive relaxation --------------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ def fit_args(tmp_path: Path, *extra: str, config: str = "p1h_ep.yaml") -> list[s
         "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]",
         "--data.data_dir", str(ROOT / "data"), "--data.test_subset", "40", "--data.eval_batch_size", "40",
-        "--model.init_args.model.init_args.layers", "[784, 32, 10]",
+        "--model.init_args.net.init_args.layers", "[784, 32, 10]",
         "--threads", "1", "--test_after_fit", "false", *extra,
     ]
 
@@ -445,8 +445,8 @@ def test_warm_start_and_adaptive_relaxation_save_free_steps(tmp_path: Path) -> N
     # evaluation starts from zero, not from the table
     x = warm.datamodule.train_set.images[:5]
     with torch.no_grad():
-        from_zero = relax(warm.model.model, warm.model.model.drive(x), warm.model.model.init_state(x), 30)
-    assert torch.equal(warm.model.predict_step((x, torch.zeros(5)), 0), warm.model.model.predict(from_zero))
+        from_zero = relax(warm.model.net, warm.model.net.drive(x), warm.model.net.init_state(x), 30)
+    assert torch.equal(warm.model.predict_step((x, torch.zeros(5)), 0), warm.model.net.predict(from_zero))
 
 
 def test_warm_start_needs_return_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -122,15 +122,9 @@ class EnergySystem(L.LightningModule):
 
     # --- checks ---------------------------------------------------------------------------------------------
     def check_optimizer_settings(self) -> None:
-        """One lr / weight decay per group, finite and ≥ 0; lrs required with the default optimizer (lr = 0)."""
+        """One lr / weight decay per group, finite and ≥ 0 (lrs themselves are required when training starts)."""
         for spec in self.optimizer_specs():
             readout = " (the last one is the softmax read-out)" if spec.readout else ""
-            if spec.lrs is None and self.optimizer_factory is sgd:
-                raise ValueError(
-                    f"model.{spec.lrs_field}=None is invalid with the default optimizer (plain SGD has no learning "
-                    f"rate of its own): give one learning rate per layer group, input → output ({len(spec.groups)} "
-                    f"groups{readout}), or an optimizer with its own lr"
-                )
             for field, values, what in (
                 (spec.lrs_field, spec.lrs, "learning rate"), ("weight_decays", spec.weight_decays, "weight decay")
             ):
@@ -162,6 +156,12 @@ class EnergySystem(L.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizers = []
         for spec in self.optimizer_specs():
+            if spec.lrs is None and self.optimizer_factory is sgd:
+                raise ValueError(
+                    f"model.{spec.lrs_field}=None is invalid with the default optimizer (plain SGD without a learning "
+                    f"rate of its own would train nothing): give one learning rate per layer group, input → output "
+                    f"({len(spec.groups)} groups), or an optimizer with its own lr"
+                )
             groups: list[dict[str, Any]] = [{"params": g} for g in spec.groups]
             for values, key in ((spec.lrs, "lr"), (spec.weight_decays, "weight_decay")):
                 if values is not None:
