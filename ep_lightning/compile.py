@@ -1,4 +1,4 @@
-"""Opt-in compilation of a training step's relaxation phases (``EquilibriumModule(compile_relaxation=True)``)."""
+"""Opt-in compilation of a training step's relaxation phases (``EPSystem.phases``, ``model.compile_relaxation: true``)."""
 
 from __future__ import annotations
 

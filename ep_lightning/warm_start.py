@@ -1,8 +1,7 @@
 """Warm starts: the last free-phase state of every training example, reused as its next initial state
 (persistent fixed points, Scellier & Bengio 2017).
 
-Memory: N × Σ_l (units of layer l) values in the model's dtype, on the training device — for 60k MNIST images,
-P-1h (512 + 10 units) takes 125 MB in float32, P-conv (32·12·12 + 64·4·4 + 10 units) 1.35 GB. The table is
+Memory: N × Σ_l (units of layer l) values in the net's dtype, on the training device. The table is
 allocated at the first training batch (sized from the dataset when known) and saved in checkpoints (moved to CPU),
 so a resumed run continues from exactly the same states.
 """

@@ -24,7 +24,7 @@ What is logged (tags; ``{layer}`` is ``net.state_names()``: ``layer1`` … ``out
   ``convergence/train/free/unconverged_frac``, ``convergence/train/{free,nudged}/final_residual/{layer}``,
   ``saturation/train/{free,nudged}/{layer}``; curves in runs ``<version>/relaxation/step_NNNNNNN``
   (``convergence/train/{free,nudged}/residual/{layer}``, ``…/log10_residual/{layer}``, ``…/phi``); the figure
-  ``convergence/train/relaxation`` (output trajectories only for the fixed batch: a figure costs ~0.15 s).
+  ``convergence/train/relaxation`` (output trajectories only for the fixed batch).
 
 * A **custom-scalars layout** (TensorBoard's "Custom Scalars" tab) groups these charts, written once at fit start.
 
@@ -407,7 +407,7 @@ class ConvergenceMonitor(L.Callback):
         self, trainer: L.Trainer, snap: Snapshot, pl_module: L.LightningModule, step: int, prefix: str,
         trajectories: bool = True,
     ) -> None:
-        """Relaxation figure (and, when ``trajectories``, the output-trajectory figure: ~0.15 s each to render)."""
+        """Relaxation figure (and, when ``trajectories``, the output-trajectory figure)."""
         loggers = self._tb_loggers(trainer)
         if not loggers:
             return
