@@ -384,3 +384,18 @@ def test_every_config_has_the_monitor_on(path: Path) -> None:
     assert len(monitors) == 1, f"{path.name}: expected one ConvergenceMonitor in trainer.callbacks"
     monitor = ConvergenceMonitor(**monitors[0].get("init_args", {}))
     assert monitor.active
+
+
+def test_every_system_declares_what_the_monitors_read() -> None:
+    """The callbacks read systems through ``ep_lightning.protocols``; every system satisfies it."""
+    from ep_lightning.models import EnergyBasedNet, FeedforwardInitializer
+    from ep_lightning.protocols import InitializedSystem, RelaxingSystem
+    from ep_lightning.systems import InitializedEP, InitializerDistillation
+
+    net = lambda: EnergyBasedNet([784, 20, 10], activation="hard_sigmoid", eps=0.5, cost_scale=1.0)
+    ep = EquilibriumModule(PrototypicalNet([16, 8, 3]), T=4, K=2)
+    iep = InitializedEP(net(), FeedforwardInitializer([784, 20, 10]), lrs=[0.1, 0.05])
+    distill = InitializerDistillation(net(), lrs=[0.1, 0.05])
+    assert isinstance(ep, RelaxingSystem) and not isinstance(ep, InitializedSystem)
+    assert isinstance(iep, InitializedSystem) and isinstance(distill, InitializedSystem)
+    assert (distill.K, distill.beta) == (0, 0.0), "no nudged phase: the monitor skips it"

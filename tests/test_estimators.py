@@ -1,4 +1,4 @@
-"""The two update rules: BPTT against a naive unrolled computation, EP against BPTT as β → 0."""
+"""The two update rules: BPTT against a naive unrolled computation, EP against BPTT as β → 0, the nudging pairs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from ep_lightning.estimators import bptt_loss, ep_surrogate
 from ep_lightning.models import EnergyBasedNet, PrototypicalNet
 from ep_lightning.relaxation import relax
 from ep_lightning.systems import EquilibriumModule
+from ep_lightning.systems.base import EPSystem
 
 
 def naive_p1h_bptt_grads(model: PrototypicalNet, x: torch.Tensor, y: torch.Tensor, T: int, K: int) -> list[torch.Tensor]:
@@ -41,6 +42,83 @@ def test_bptt_gradient_matches_naive_unrolled_computation() -> None:
     for got, want in zip(grads, expected):
         # Same float64 operations in a different order: agreement to rounding (1e-12 relative).
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bptt_steps", [2, 7, 15])
+def test_bptt_steps_truncates_the_backward_to_the_last_steps(bptt_steps: int) -> None:
+    """``bptt_steps`` (the authors' FC baselines: K + 1) sets the truncation, independently of K."""
+    torch.manual_seed(1)
+    model = PrototypicalNet([12, 9, 4]).double()
+    x = torch.rand(6, 12, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.randint(0, 4, (6,)), 4).double()
+    module = EquilibriumModule(model, algorithm="bptt", T=15, K=6, bptt_steps=bptt_steps)
+    grads = torch.autograd.grad(module.bptt_update(x, y, model.init_state(x))[0], list(model.parameters()))
+    expected = naive_p1h_bptt_grads(model, x, y, T=15, K=bptt_steps)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)  # float64, same maths, other op order
+    if bptt_steps != 6:  # control: the default truncation (K = 6) gives another gradient
+        default = EquilibriumModule(model, algorithm="bptt", T=15, K=6)
+        other = torch.autograd.grad(default.bptt_update(x, y, model.init_state(x))[0], list(model.parameters()))
+        assert any((a - b).abs().max() > 1e-8 for a, b in zip(other, grads))
+
+
+@pytest.mark.parametrize("bptt_steps", [0, 16])
+def test_bptt_steps_outside_one_to_T_is_rejected(bptt_steps: int) -> None:
+    with pytest.raises(ValueError, match=rf"model.bptt_steps={bptt_steps} is invalid with model.T=15.*1 ≤ bptt_steps ≤ T"):
+        EquilibriumModule(PrototypicalNet([12, 9, 4]), algorithm="bptt", T=15, K=6, bptt_steps=bptt_steps)
+
+
+def test_nudging_pairs_give_the_ep_update_of_their_formula() -> None:
+    """mean[Φ(s_a) − Φ(s_b)]/(β_b − β_a): one-sided (0, β) → (1/β)(∂Φ(s^β) − ∂Φ(s*)), symmetric (−β, β) →
+    (1/2β)(∂Φ(s^{+β}) − ∂Φ(s^{−β})), against ∂Φ/∂θ by autograd of ``phi`` (float64: rounding only)."""
+    torch.manual_seed(0)
+    model = PrototypicalNet([10, 8, 5], activation="tanh").double()
+    x = torch.rand(4, 10, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.randint(0, 5, (4,)), 5).double()
+    params = list(model.parameters())
+    dphi = lambda s: torch.autograd.grad(model.phi(x, s).mean(), params)
+    with torch.no_grad():
+        drive = model.drive(x)
+        free = relax(model, drive, model.init_state(x), 30)
+        plus, minus = relax(model, drive, free, 8, 0.2, y), relax(model, drive, free, 8, -0.2, y)
+    for s_a, s_b, betas in ((free, plus, (0.0, 0.2)), (free, minus, (0.0, -0.2)), (minus, plus, (-0.2, 0.2))):
+        got = torch.autograd.grad(ep_surrogate(model, x, s_a, s_b, betas), params)
+        want = [(gb - ga) / (betas[1] - betas[0]) for ga, gb in zip(dphi(s_a), dphi(s_b))]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(-g, w, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="must differ"):
+        ep_surrogate(model, x, free, plus, (0.2, 0.2))
+
+
+@pytest.mark.parametrize("nudging, pair", [("one_sided", (0.0, 0.3)), ("symmetric", (-0.3, 0.3))])
+def test_phases_run_every_nudging_through_one_runner(nudging: str, pair: tuple[float, float]) -> None:
+    """``EPSystem.phases``: a β of 0 returns s* itself, two non-zero βs equal two separate nudged relaxations."""
+    torch.manual_seed(0)
+    model = PrototypicalNet([10, 8, 5]).double()
+    module = EquilibriumModule(model, T=12, K=5, beta=0.3, nudging=nudging)
+    assert module.nudging_pair() == pair
+    x = torch.rand(3, 10, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.randint(0, 5, (3,)), 5).double()
+    free, s_a, s_b = module.phases(x, y, model.init_state(x), pair)
+    with torch.no_grad():
+        want_free = relax(model, model.drive(x), model.init_state(x), 12)
+        want_a = want_free if pair[0] == 0 else relax(model, model.drive(x), want_free, 5, pair[0], y)
+        want_b = relax(model, model.drive(x), want_free, 5, pair[1], y)
+    for got, want in ((free, want_free), (s_a, want_a), (s_b, want_b)):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)  # batched vs separate: rounding only
+    if pair[0] == 0:
+        assert s_a is free
+
+
+def test_default_optimizer_without_lrs_is_an_error_when_training_starts() -> None:
+    """Plain SGD has lr 0: ``lrs: null`` would train nothing, so it is refused; an optimizer with its own lr is fine."""
+    model = PrototypicalNet([12, 9, 4])
+    with pytest.raises(ValueError, match=r"model.lrs=None is invalid with the default optimizer.*2 groups"):
+        EquilibriumModule(model).configure_optimizers()
+    adam = EquilibriumModule(model, optimizer=lambda groups: torch.optim.Adam(groups, lr=1e-3)).configure_optimizers()
+    assert [g["lr"] for g in adam.param_groups] == [1e-3, 1e-3]
+    assert issubclass(EquilibriumModule, EPSystem)
 
 
 def _ep_vs_bptt_relative_error(model, x, y, T: int, K: int, beta: float, nudging: str = "one_sided") -> float:

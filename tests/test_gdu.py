@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from ep_lightning.callbacks import GDUMonitor
 from ep_lightning.cli import cli_main
 from ep_lightning.data import MNISTDataModule
-from ep_lightning.estimators import bptt_loss, ep_surrogate
 from ep_lightning.gdu import (
     GDUResult,
     bptt_gradients,

@@ -133,7 +133,7 @@ def test_symmetric_bias_on_converged_p1h_sigmoid_batch() -> None:
 def tiny(kind: str, activation: str | None = None) -> torch.nn.Module:
     """A small float64 net of ``kind``; ``activation`` replaces the kind's own σ."""
     torch.manual_seed(0)
-    conv = dict(input_size=14, channels=[2, 3], kernel_size=3, num_classes=4, activation=activation or "sigmoid")
+    conv = {"input_size": 14, "channels": [2, 3], "kernel_size": 3, "num_classes": 4, "activation": activation or "sigmoid"}
     models = {
         "p1h_mse": lambda: PrototypicalNet([12, 9, 4]),
         "p2h_ce": lambda: PrototypicalNet([12, 9, 7, 4], activation=activation or "sigmoid", readout="ce"),
