@@ -34,12 +34,18 @@ class PersistentStates:
         """Memory held by the table, in bytes."""
         return sum(t.numel() * t.element_size() for t in self.states or [])
 
-    def _ensure(self, needed: int, like: State, size_hint: int | None) -> None:
-        """Allocate (or grow) the table to hold at least ``needed`` examples, on ``like``'s device and dtype."""
+    def _ensure(self, index: Tensor, like: State, size_hint: int | None) -> None:
+        """Allocate (or grow) the table to hold the examples ``index``, on ``like``'s device and dtype.
+
+        Once the table holds ``size_hint`` (the dataset size) examples, the indices are not inspected: no host
+        synchronisation per batch."""
         device = like[0].device
         if self.states is not None and (self.states[0].device != device or self.states[0].dtype != like[0].dtype):
             self.states = [t.to(device=device, dtype=like[0].dtype) for t in self.states]
             self.seen = self.seen.to(device)
+        if size_hint is not None and self.capacity >= size_hint:
+            return
+        needed = int(index.max()) + 1
         if needed <= self.capacity:
             return
         size = max(needed, size_hint or 0, math.ceil(1.25 * self.capacity))
@@ -54,7 +60,7 @@ class PersistentStates:
     def start(self, index: Tensor, init: State, size_hint: int | None = None) -> State:
         """The initial state of the batch: the stored state of each example seen before, ``init`` otherwise."""
         index = index.to(device=init[0].device, dtype=torch.long)
-        self._ensure(int(index.max()) + 1, init, size_hint)
+        self._ensure(index, init, size_hint)
         assert self.states is not None and self.seen is not None
         seen = self.seen[index]
         return tuple(

@@ -85,6 +85,8 @@ class EnergySystem(L.LightningModule):
     #: Nudged-phase steps and β: 0 for a system without a nudged phase (the monitors then skip it).
     K: int = 0
     beta: float = 0.0
+    #: One learning rate per parameter group of the first optimizer (None: the optimizer's own lr).
+    lrs: list[float] | None = None
 
     def __init__(
         self,
@@ -397,7 +399,7 @@ class EPSystem(EnergySystem):
         n = x.shape[0]
         sums = {"loss": loss * n, "acc": (self.net.output(free).argmax(dim=1) == labels).sum()}
         if self.free_tolerance is not None:
-            sums["free_steps"] = loss.new_tensor(float(steps * n))
+            sums["free_steps"] = torch.full((), float(steps * n), dtype=loss.dtype, device=loss.device)
         self.train_means.update(n, **sums, **extra_sums)
         return loss
 
