@@ -37,15 +37,15 @@ class PersistentStates:
     def _ensure(self, index: Tensor, like: State, size_hint: int | None) -> None:
         """Allocate (or grow) the table to hold the examples ``index``, on ``like``'s device and dtype.
 
-        Once the table holds ``size_hint`` (the dataset size) examples, the indices are not inspected: no host
-        synchronisation per batch."""
+        With ``size_hint`` (the dataset size; every index is below it) the indices are never inspected: no host
+        synchronisation. Without it the table grows to the largest index seen."""
         device = like[0].device
         if self.states is not None and (self.states[0].device != device or self.states[0].dtype != like[0].dtype):
             self.states = [t.to(device=device, dtype=like[0].dtype) for t in self.states]
             self.seen = self.seen.to(device)
         if size_hint is not None and self.capacity >= size_hint:
             return
-        needed = int(index.max()) + 1
+        needed = size_hint if size_hint is not None else int(index.max()) + 1
         if needed <= self.capacity:
             return
         size = max(needed, size_hint or 0, math.ceil(1.25 * self.capacity))

@@ -554,3 +554,51 @@ def test_variants_under_ddp_equal_one_process(kind: str, readout: str, nudging: 
     ranks, reference, initial = D.run_ddp_and_reference(module, "fork", tmp_path)
     D.check_shards(ranks, reference)
     D.assert_ddp_equals_reference(ranks, reference, initial)
+
+
+# --- no host synchronisation in the training step ---------------------------------------------------------------
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize(
+    "algorithm, nudging, warm_start",
+    [("ep", "one_sided", True), ("ep", "symmetric", False), ("bptt", "one_sided", False)],
+)
+def test_training_step_reads_no_tensor_value_on_the_host(
+    algorithm: str, nudging: str, warm_start: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Apart from the divergence guard's one check (replaced here), the training step never turns a tensor into a
+    Python value (on a GPU each would wait for the device). Control: the real guard is seen to read one value."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import ep_lightning.systems.base as base
+
+    reads: list[str] = []
+    per_step: list[list[str]] = []
+
+    class Probe(EquilibriumModule):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            with monkeypatch.context() as m:
+                for name in HOST_READS:
+                    original = getattr(torch.Tensor, name)
+                    m.setattr(torch.Tensor, name, lambda t, *a, _n=name, _o=original: (reads.append(_n), _o(t, *a))[1])
+                out = super().training_step(batch, batch_idx)
+            per_step.append(reads[len(sum(per_step, [])):])
+            return out
+
+    torch.manual_seed(0)
+    module = Probe(PrototypicalNet([12, 9, 4]), algorithm=algorithm, T=6, K=3, beta=0.3, lrs=[0.1, 0.1],
+                   nudging=nudging, warm_start=warm_start)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(12, 12, generator=g), torch.randint(0, 4, (12,), generator=g), torch.arange(12))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    with monkeypatch.context() as m:
+        m.setattr(base, "check_training_step", lambda *args: True)
+        trainer.fit(module, DataLoader(data, batch_size=4))
+    assert trainer.global_step == 3 and per_step == [[], [], []], per_step
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    assert "__bool__" in reads, "control: the guard's check is a host read"

@@ -124,8 +124,9 @@ class EquilibriumModule(EPSystem):
                 "model.warm_start=true needs training batches (x, y, index): set data.return_index=true (or yield the "
                 "dataset index of every sample as the third batch element)"
             )
-        train_set = getattr(self._trainer.datamodule, "train_set", None) if self._trainer is not None else None
-        return self.warm_states.start(index, init, size_hint=len(train_set) if train_set is not None else None)
+        loader = self._trainer.train_dataloader if self._trainer is not None else None
+        dataset = getattr(loader, "dataset", None)  # a DataLoader (one training loader): size the table once
+        return self.warm_states.start(index, init, size_hint=len(dataset) if dataset is not None else None)
 
     def after_update(self, index: Tensor | None, free: State) -> None:
         if self.warm_states is not None:
