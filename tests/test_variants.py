@@ -572,7 +572,7 @@ def test_training_step_reads_no_tensor_value_on_the_host(
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    import ep_lightning.systems.base as base
+    from ep_lightning.systems import base
 
     reads: list[str] = []
     per_step: list[list[str]] = []
@@ -584,7 +584,7 @@ def test_training_step_reads_no_tensor_value_on_the_host(
                     original = getattr(torch.Tensor, name)
                     m.setattr(torch.Tensor, name, lambda t, *a, _n=name, _o=original: (reads.append(_n), _o(t, *a))[1])
                 out = super().training_step(batch, batch_idx)
-            per_step.append(reads[len(sum(per_step, [])):])
+            per_step.append(reads[sum(map(len, per_step)):])
             return out
 
     torch.manual_seed(0)
