@@ -53,7 +53,8 @@ class EpochErrors(L.Callback):
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        self.curve.append({k.split("/")[1]: float(metrics[k]) for k in ("val/err", "val/err_init") if k in metrics})
+        names = {"val/acc": "err", "val/init_acc": "err_init"}  # errors = 1 − accuracy
+        self.curve.append({name: 1.0 - float(metrics[k]) for k, name in names.items() if k in metrics})
 
 
 def label_of(lam: float | None) -> str:
@@ -78,7 +79,7 @@ def run_one(lam: float | None, t_minus: int, seed: int, args: argparse.Namespace
                 str(EP_CONFIG if lam is None else IEP_CONFIG),
                 "--seed_everything",
                 str(seed),
-                "--model.init_args.T_minus",
+                "--model.init_args.T",
                 str(t_minus),
                 *overrides,
                 "--trainer.max_epochs",
@@ -114,15 +115,15 @@ def run_one(lam: float | None, t_minus: int, seed: int, args: argparse.Namespace
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
-    train_err = float(cli.trainer.callback_metrics.get("train/err", math.nan))  # before test() resets the metrics
+    train_err = 1.0 - float(cli.trainer.callback_metrics.get("train/acc", math.nan))  # before test() resets them
     (test,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     result = {
         "label": label_of(lam),
         "lam": lam,
         "T_minus": t_minus,
         "seed": seed,
-        "test_err": test["test/err"],
-        "test_err_init": test.get("test/err_init"),
+        "test_err": 1.0 - test["test/acc"],
+        "test_err_init": 1.0 - test["test/init_acc"] if "test/init_acc" in test else None,
         "train_err": train_err,
         "val_curve": curve.curve,
         "train_seconds": seconds,

@@ -61,11 +61,12 @@ class BatchTimer(L.Callback):
 
 
 def activation_megabytes(module: L.LightningModule, batch) -> float | None:
-    """MB of tensors autograd saves for backward during one training step (what BPTT stores per step); None for
-    modules other than EquilibriumModule (Initialized EP)."""
-    if not hasattr(module, "ep_phases"):
+    """MB of tensors autograd saves for backward during one training step's update (what BPTT stores per step);
+    None for systems without an EP / BPTT update (initializer distillation)."""
+    from ep_lightning.systems import EPSystem
+
+    if not isinstance(module, EPSystem):
         return None
-    net = inner_network(module)
     saved = 0
 
     def pack(t: torch.Tensor):
@@ -74,18 +75,13 @@ def activation_megabytes(module: L.LightningModule, batch) -> float | None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x, labels = batch
-        target = net.encode_target(labels, x)
+        x, labels = batch[0], batch[1]
+        target = module.net.encode_target(labels, x)
+        start = module.initial_state(x)
         if module.algorithm == "ep":
-            from ep_lightning.algorithms import ep_surrogate
-
-            free, nudged = module.ep_phases(x, target)
-            ep_surrogate(net, x, free, nudged, module.beta)
+            module.ep_update(x, target, start)
         else:
-            from ep_lightning.algorithms import bptt_loss
-
-            _, final = module.bptt_forward(x)
-            bptt_loss(net, final, target)
+            module.bptt_update(x, target, start)
     return saved / 2**20
 
 
@@ -182,7 +178,7 @@ def measure(args: argparse.Namespace) -> dict:
     module.train()
     sample_batch = trainer.strategy.batch_to_device(next(iter(datamodule.train_dataloader())))
     act_mb = activation_megabytes(module, sample_batch)
-    free_steps, nudged_steps = phase_steps(module)
+    free_steps, nudged_steps = module.T, module.K
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:

@@ -2,7 +2,7 @@
 
 For each architecture in ``--archs`` (``p1h``: configs/mnist/p1h_ep.yaml, ``pconv``: configs/mnist/pconv_ep.yaml) and
 each (nudging, readout) cell, it trains through the project's CLI (the code path of ``python train.py fit``) with
-only ``model.nudging`` and ``model.model.readout`` overridden — every other hyperparameter is the config's (the
+only ``model.nudging`` and ``model.net.readout`` overridden — every other hyperparameter is the config's (the
 2019 paper's) — then tests on the first ``--test-subset`` images of the official test set (all 10k by default).
 Reports the test error, the mean wall time of a training epoch (without evaluation) and what was run. Prints a
 markdown table; with ``--out`` keeps every finished cell in a JSON file (re-runs skip cached cells, so an interrupted
@@ -62,7 +62,7 @@ def run_cell(arch: str, nudging: str, readout: str, args: argparse.Namespace) ->
     overrides = [
         "--config", str(CONFIGS[arch]),
         "--model.init_args.nudging", nudging,
-        "--model.init_args.model.init_args.readout", readout,
+        "--model.init_args.net.init_args.readout", readout,
         "--trainer.max_epochs", str(args.epochs),
         "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -115,7 +115,7 @@ def table(records: list[dict[str, Any]]) -> str:
 def build(arch: str, nudging: str, readout: str) -> EquilibriumModule:
     """The config's module with the variant's nudging and read-out (weights seeded identically for every variant)."""
     init = yaml.safe_load(CONFIGS[arch].read_text())["model"]["init_args"]
-    net_args = {**init["model"]["init_args"], "readout": readout}
+    net_args = {**init["net"]["init_args"], "readout": readout}
     torch.manual_seed(0)
     net = PrototypicalNet(**net_args) if arch == "p1h" else ConvPrototypicalNet(**net_args)
     return EquilibriumModule(net, T=init["T"], K=init["K"], beta=init["beta"], lrs=init["lrs"], nudging=nudging)
@@ -131,9 +131,9 @@ def time_variants(arch: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     for _ in range(args.timing_rounds):
         for k, module in modules.items():
             for x, labels in batches:
-                target = module.model.encode_target(labels, x)
+                target = module.net.encode_target(labels, x)
                 start = time.perf_counter()
-                loss = module.ep_update(x, target, module.model.init_state(x))[0]
+                loss = module.ep_update(x, target, module.net.init_state(x))[0]
                 loss.backward()
                 samples[k].append(1000.0 * (time.perf_counter() - start))
     out = []

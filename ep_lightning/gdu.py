@@ -15,7 +15,7 @@ L = mean_batch ℓ(z_K, y), and ONE ``torch.autograd.grad`` over all states and 
 so Σ_t ∇^BPTT_θ(t) is the truncated-BPTT gradient through K steps and Σ_t Δ^EP_θ(t) the EP update applied in
 training. The GDU property: Δ^EP(β, t) → −∇^BPTT(t) as β → 0 when the transition is ∂Φ/∂s (exactly, for a
 converged free phase), approximately otherwise. Everything goes through the model's ``step``, ``drive``, ``phi``
-and ``dynamics.relax``: no second relaxation loop, no second Φ.
+and ``relaxation.relax``: no second relaxation loop, no second Φ.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ep_lightning.dynamics import RelaxationTrace, relax
 from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.protocols import RelaxingSystem
+from ep_lightning.relaxation import RelaxationTrace, relax
 
 __all__ = [
     "GDUResult",
     "average_metrics",
     "bptt_gradients",
     "cosine_similarity",
-    "energy_model_of",
     "ep_updates",
     "gdu_check",
     "gdu_curves_figure",
@@ -77,10 +77,10 @@ class GDUResult:
             yield "weights", name, ep, bp
 
 
-def named_parameter_list(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+def named_parameter_list(model: EnergyModel) -> tuple[list[str], list[nn.Parameter]]:
     """Trainable parameters in ``parameter_groups()`` order (input → output) with their ``named_parameters`` names."""
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = model.parameter_groups() if hasattr(model, "parameter_groups") else [list(model.parameters())]
+    groups = model.parameter_groups()
     params = [p for group in groups for p in group if p.requires_grad]
     return [names[id(p)] for p in params], params
 
@@ -99,7 +99,7 @@ def ep_updates(
     with torch.no_grad():
         relax(model, model.drive(x), tuple(s.detach() for s in free), K, beta, target, trace=trace)
     states = trace.states  # s^β_0 = s*, …, s^β_K
-    scale = beta * float(getattr(model, "nudge_scale", 1.0))
+    scale = beta * float(model.nudge_scale)
     neurons = [
         torch.stack([(states[t + 1][n] - states[t][n]).mean(dim=0) for t in range(K)]) / scale
         for n in range(len(free))
@@ -207,29 +207,16 @@ def gdu_check(
     )
 
 
-def gdu_settings(module: L.LightningModule, T: int | None, K: int | None, beta: float | None) -> tuple[int, int, float]:
-    """(T, K, β) for the check: the given values, else the LightningModule's own ``T``, ``K``, ``beta``."""
-    values = {"T": T, "K": K, "beta": beta}
-    for key in values:
-        if values[key] is None:
-            if not hasattr(module, key):
-                raise ValueError(
-                    f"gdu: {key} is not given and {type(module).__name__} has no attribute {key!r}; "
-                    f"pass --{key}"
-                )
-            values[key] = getattr(module, key)
-    return int(values["T"]), int(values["K"]), float(values["beta"])
-
-
-def energy_model_of(module: L.LightningModule) -> EnergyModel:
-    """The network inside the LightningModule (attribute ``model``), checked against the EnergyModel contract."""
-    model = getattr(module, "model", None)
-    if not isinstance(model, EnergyModel):
-        raise ValueError(
-            f"gdu: {type(module).__name__}.model is {type(model).__name__}, not an EnergyModel; the GDU check needs "
-            f"a LightningModule holding the network as `model` (e.g. ep_lightning.systems.EquilibriumModule)"
+def gdu_settings(system: L.LightningModule, T: int | None, K: int | None, beta: float | None) -> tuple[int, int, float]:
+    """(T, K, β) for the check: the given values, else the system's own ``T``, ``K``, ``beta``."""
+    if not isinstance(system, RelaxingSystem):
+        raise TypeError(
+            f"gdu: {type(system).__name__} is not a system of ep_lightning.systems (it needs `net`, `T`, `K`, `beta`); "
+            f"use e.g. ep_lightning.systems.EquilibriumModule"
         )
-    return model
+    return (
+        int(system.T if T is None else T), int(system.K if K is None else K), float(system.beta if beta is None else beta)
+    )
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------

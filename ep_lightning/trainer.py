@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 
 from ep_lightning.gdu import (
     average_metrics,
-    energy_model_of,
     gdu_check,
     gdu_curves_figure,
     gdu_metrics,
@@ -53,7 +52,7 @@ class EPTrainer(L.Trainer):
         and PNGs in the run folder (the logger's log_dir, or ``out_dir``).
 
         Args:
-            model: the LightningModule holding the network as ``model`` (e.g. EquilibriumModule).
+            model: the system holding the network as ``net`` (e.g. EquilibriumModule).
             dataloaders: batches (x, labels) to check on; alternatively ``datamodule``.
             datamodule: data module; its ``split`` dataloader is used.
             ckpt_path: checkpoint whose weights are loaded first (default: the freshly initialised model).
@@ -80,7 +79,7 @@ class EPTrainer(L.Trainer):
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             model.load_state_dict(checkpoint["state_dict"])
         T_, K_, beta_ = gdu_settings(model, T, K, beta)
-        network = energy_model_of(model)
+        network = model.net
         device = self.strategy.root_device
         network = copy.deepcopy(network).to(device=device, dtype=torch.float64 if float64 else None)
         loader = self._gdu_loader(dataloaders, datamodule, split)
@@ -102,7 +101,7 @@ class EPTrainer(L.Trainer):
         settings = {
             "T": T_, "K": K_, "beta": beta_, "batches": len(per_batch), "batch_size": int(x.shape[0]),
             "split": split, "float64": float64, "ckpt_path": ckpt_path, "model": type(network).__name__,
-            "nudge_scale": float(getattr(network, "nudge_scale", 1.0)),
+            "nudge_scale": float(network.nudge_scale),
         }
         if self.is_global_zero:
             self._write_gdu(first, metrics, per_batch, settings, units, seed, out_dir)

@@ -48,13 +48,13 @@ def check_model_fits_data(model: nn.Module, input_shape: tuple[int, ...], num_cl
     if expected is not None:
         if len(expected) == 1 and expected[0] != _prod(tuple(input_shape)):
             raise ConfigError(
-                f"{name} layers[0]={expected[0]} (model.init_args.model.init_args.layers) does not match the data: "
+                f"{name} layers[0]={expected[0]} (model.init_args.net.init_args.layers) does not match the data: "
                 f"each image is {data_desc}; the input layer must have {_prod(tuple(input_shape))} units"
             )
         if len(expected) == 3 and tuple(expected) != tuple(input_shape):
             raise ConfigError(
                 f"{name} expects inputs of input_channels×input_size×input_size = {'×'.join(map(str, expected))} "
-                f"(model.init_args.model.init_args.input_channels / input_size) but each image is {data_desc}; "
+                f"(model.init_args.net.init_args.input_channels / input_size) but each image is {data_desc}; "
                 f"set input_channels={input_shape[0]} and input_size={input_shape[-1]}"
             )
     model_classes = getattr(model, "num_classes", None)
@@ -67,7 +67,7 @@ def check_model_fits_data(model: nn.Module, input_shape: tuple[int, ...], num_cl
 
 
 def check_module_fits_datamodule(module: Any) -> None:
-    """Lightning ``setup`` helper: compare ``module.model`` with ``trainer.datamodule.input_shape``/``num_classes``.
+    """Lightning ``setup`` helper: compare ``module.net`` with ``trainer.datamodule.input_shape``/``num_classes``.
 
     Does nothing without a trainer, a datamodule or those attributes (e.g. plain dataloaders passed to ``fit``).
     """
@@ -77,7 +77,7 @@ def check_module_fits_datamodule(module: Any) -> None:
     num_classes = getattr(datamodule, "num_classes", None)
     if input_shape is None or num_classes is None:
         return
-    check_model_fits_data(module.model, tuple(input_shape), int(num_classes))
+    check_model_fits_data(module.net, tuple(input_shape), int(num_classes))
 
 
 def _raised_in_package(err: BaseException) -> bool:

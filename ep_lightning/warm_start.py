@@ -1,8 +1,7 @@
 """Warm starts: the last free-phase state of every training example, reused as its next initial state
 (persistent fixed points, Scellier & Bengio 2017).
 
-Memory: N × Σ_l (units of layer l) values in the model's dtype, on the training device — for 60k MNIST images,
-P-1h (512 + 10 units) takes 125 MB in float32, P-conv (32·12·12 + 64·4·4 + 10 units) 1.35 GB. The table is
+Memory: N × Σ_l (units of layer l) values in the net's dtype, on the training device. The table is
 allocated at the first training batch (sized from the dataset when known) and saved in checkpoints (moved to CPU),
 so a resumed run continues from exactly the same states.
 """
@@ -35,12 +34,18 @@ class PersistentStates:
         """Memory held by the table, in bytes."""
         return sum(t.numel() * t.element_size() for t in self.states or [])
 
-    def _ensure(self, needed: int, like: State, size_hint: int | None) -> None:
-        """Allocate (or grow) the table to hold at least ``needed`` examples, on ``like``'s device and dtype."""
+    def _ensure(self, index: Tensor, like: State, size_hint: int | None) -> None:
+        """Allocate (or grow) the table to hold the examples ``index``, on ``like``'s device and dtype.
+
+        With ``size_hint`` (the dataset size; every index is below it) the indices are never inspected: no host
+        synchronisation. Without it the table grows to the largest index seen."""
         device = like[0].device
         if self.states is not None and (self.states[0].device != device or self.states[0].dtype != like[0].dtype):
             self.states = [t.to(device=device, dtype=like[0].dtype) for t in self.states]
             self.seen = self.seen.to(device)
+        if size_hint is not None and self.capacity >= size_hint:
+            return
+        needed = size_hint if size_hint is not None else int(index.max()) + 1
         if needed <= self.capacity:
             return
         size = max(needed, size_hint or 0, math.ceil(1.25 * self.capacity))
@@ -55,7 +60,7 @@ class PersistentStates:
     def start(self, index: Tensor, init: State, size_hint: int | None = None) -> State:
         """The initial state of the batch: the stored state of each example seen before, ``init`` otherwise."""
         index = index.to(device=init[0].device, dtype=torch.long)
-        self._ensure(int(index.max()) + 1, init, size_hint)
+        self._ensure(index, init, size_hint)
         assert self.states is not None and self.seen is not None
         seen = self.seen[index]
         return tuple(

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from ep_lightning.algorithms import ep_surrogate
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, PrototypicalNet
 from ep_lightning.models.base import EnergyModel
 from ep_lightning.systems import EquilibriumModule
@@ -86,11 +85,10 @@ class HandWrittenGradEP(EquilibriumModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, labels = batch
-        target = self.model.encode_target(labels, x)
+        target = self.net.encode_target(labels, x)
         optimizer = self.optimizers()
-        free, nudged = self.ep_phases(x, target)
-        loss = ep_surrogate(self.model, x, free, nudged, self.beta)
-        params = list(self.model.parameters())
+        loss = self.ep_update(x, target, self.net.init_state(x))[0]
+        params = list(self.net.parameters())
         for p, g in zip(params, torch.autograd.grad(loss, params)):
             p.grad = g  # the mistake under test
         optimizer.step()
@@ -104,5 +102,5 @@ if InitializedEP is not None:
         per-rank random generators can give. Every rank still ends with the same weights (DDP averages the
         gradients), but the run no longer equals a single process on the full batch."""
 
-        def draw_beta(self) -> float:
-            return self.beta if self.global_rank == 0 else -self.beta
+        def nudging_pair(self) -> tuple[float, float]:
+            return (0.0, self.beta if self.global_rank == 0 else -self.beta)

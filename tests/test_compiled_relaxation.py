@@ -30,7 +30,7 @@ def train_two_steps(model: torch.nn.Module, compile_relaxation: bool, nudging: s
         accelerator="cpu",
     )
     trainer.fit(module, DataLoader(TensorDataset(x, labels), batch_size=4))
-    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in module.net.state_dict().items()}
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))

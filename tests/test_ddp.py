@@ -69,10 +69,10 @@ def make_system(algorithm: str, kind: str, cls: type | None = None) -> L.Lightni
 
         cls = cls or H.InitializedEP
         return cls(
-            model=model,
+            net=model,
             initializer=FeedforwardInitializer(model.layers),
-            T_minus=6, T_plus=3, beta=0.5, random_sign=True, lam=0.1,
-            lrs=[0.5] * groups, energy_init="keep", seed=0,
+            T=6, K=3, beta=0.5, nudging="random_sign", lam=0.1,
+            lrs=[0.5] * groups, energy_init="keep", sign_seed=0,
         )
     cls = cls or EquilibriumModule
     return cls(model, algorithm=algorithm, T=8, K=4, beta=0.2, lrs=[0.5] * groups)
@@ -149,7 +149,7 @@ def test_two_processes_equal_one_process_on_the_full_batch(
     if algorithm == "iep":
         # The sign sequence of these steps holds both signs, so a rank drawing its own sign could not go unnoticed.
         probe = copy.deepcopy(module)
-        signs = {probe.draw_beta() for _ in range(STEPS)}
+        signs = {probe.nudging_pair()[1] for _ in range(STEPS)}
         assert signs == {0.5, -0.5}, f"seed gives signs {signs}: pick a seed with both signs in {STEPS} steps"
     ranks, reference, initial = run_ddp_and_reference(module, start_method, tmp_path)
     check_shards(ranks, reference)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_lightning.dynamics import relax
 from ep_lightning.models import EnergyBasedNet, EnergyModel, PrototypicalNet
+from ep_lightning.relaxation import relax
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from ep_lightning.algorithms import bptt_loss, ep_surrogate
 from ep_lightning.callbacks import GDUMonitor
 from ep_lightning.cli import cli_main
 from ep_lightning.data import MNISTDataModule
-from ep_lightning.dynamics import relax
 from ep_lightning.gdu import (
     GDUResult,
     bptt_gradients,
@@ -34,6 +32,7 @@ from ep_lightning.gdu import (
 )
 from ep_lightning.models import ConvPrototypicalNet, PrototypicalNet
 from ep_lightning.models.toy import toy_batch, toy_model
+from ep_lightning.relaxation import relax
 from ep_lightning.systems import EquilibriumModule
 
 TOY_T = {"linear": 200, "energy_tanh": 600}
@@ -137,9 +136,9 @@ def test_bptt_per_step_gradients_match_independent_autograd() -> None:
 
 
 def test_summed_updates_equal_the_training_updates() -> None:
-    """Σ_t Δ^EP_θ(t) is the EP update training applies (−∇ of ``ep_surrogate`` after ``ep_phases``, and the
-    parameter change of one SGD step divided by the learning rate); with a converged free phase Σ_t −∇^BPTT_θ(t)
-    is minus the truncated-BPTT gradient of ``bptt_forward``. Float64: equal up to rounding."""
+    """Σ_t Δ^EP_θ(t) is the EP update training applies (−∇ of the loss of ``ep_update``, and the parameter change of
+    one SGD step divided by the learning rate); with a converged free phase Σ_t −∇^BPTT_θ(t) is minus the
+    truncated-BPTT gradient of ``bptt_update``. Float64: equal up to rounding."""
     model = toy_model("energy_tanh", layers=(5, 9, 4))
     x, labels = toy_batch(model, batch_size=3)
     module = EquilibriumModule(model, T=600, K=7, beta=0.05)
@@ -147,8 +146,8 @@ def test_summed_updates_equal_the_training_updates() -> None:
     result = gdu_check(model, x, labels, T=module.T, K=module.K, beta=module.beta)
     names, params = named_parameter_list(model)
 
-    free, nudged = module.ep_phases(x, target)
-    grads = torch.autograd.grad(ep_surrogate(model, x, free, nudged, module.beta), params)
+    start = model.init_state(x)
+    grads = torch.autograd.grad(module.ep_update(x, target, start)[0], params)
     for name, g, ep in zip(names, grads, result.ep_params):
         torch.testing.assert_close(ep.sum(0), -g, rtol=1e-10, atol=1e-12, msg=name)
 
@@ -156,7 +155,7 @@ def test_summed_updates_equal_the_training_updates() -> None:
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=lr)
     optimizer.zero_grad()
-    ep_surrogate(model, x, free, nudged, module.beta).backward()
+    module.ep_update(x, target, start)[0].backward()
     optimizer.step()
     for name, p, p0, ep in zip(names, params, before, result.ep_params):
         torch.testing.assert_close((p.detach() - p0) / lr, ep.sum(0), rtol=1e-8, atol=1e-12, msg=name)
@@ -164,8 +163,8 @@ def test_summed_updates_equal_the_training_updates() -> None:
         for p, p0 in zip(params, before):
             p.copy_(p0)
 
-    _, final = module.bptt_forward(x)
-    grads = torch.autograd.grad(bptt_loss(model, final, target), params)
+    bptt = EquilibriumModule(model, algorithm="bptt", T=module.T, K=module.K)
+    grads = torch.autograd.grad(bptt.bptt_update(x, target, start)[0], params)
     for name, g, bp in zip(names, grads, result.bptt_params):
         torch.testing.assert_close(bp.sum(0), -g, rtol=1e-9, atol=1e-12, msg=name)
 
@@ -224,7 +223,7 @@ def test_gdu_subcommand_writes_json_figures_and_scalars(repo_root: Path, tmp_pat
     folder; the scores are those of `gdu_check` on the checkpoint's weights (computed here directly)."""
     monkeypatch.chdir(repo_root)
     common = ["--config", "configs/mnist/p1h_ep.yaml", "--trainer.enable_progress_bar", "false",
-              "--model.init_args.model.init_args.activation", "tanh", "--data.train_subset", "100"]
+              "--model.init_args.net.init_args.activation", "tanh", "--data.train_subset", "100"]
     fit = cli_main(["fit", *common, "--trainer.max_epochs", "1", "--test_after_fit", "false",
                     "--trainer.logger.init_args.save_dir", str(tmp_path / "fit")])
     ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
@@ -236,13 +235,13 @@ def test_gdu_subcommand_writes_json_figures_and_scalars(repo_root: Path, tmp_pat
     assert (run_dir / "gdu_curves.png").stat().st_size > 0 and (run_dir / "gdu_rmse.png").stat().st_size > 0
 
     # Independent: same weights, same two batches, direct calls.
-    module = EquilibriumModule.load_from_checkpoint(ckpt, model=PrototypicalNet([784, 512, 10], activation="tanh"))
+    module = EquilibriumModule.load_from_checkpoint(ckpt, net=PrototypicalNet([784, 512, 10], activation="tanh"))
     data = MNISTDataModule(data_dir="data", batch_size=20, val_size=0, train_subset=100)
     data.prepare_data()
     data.setup("fit")
     # Same batches: the training sampler is seeded by the run seed (seed_everything 0), not by the global RNG.
     batches = iter(data.train_dataloader())
-    direct = [gdu_metrics(gdu_check(module.model, *next(batches), T=80, K=10, beta=0.01)) for _ in range(2)]
+    direct = [gdu_metrics(gdu_check(module.net, *next(batches), T=80, K=10, beta=0.01)) for _ in range(2)]
     key = "gdu/cosine/weights/synapses.0.weight"
     assert report["metrics"][key] == pytest.approx((direct[0][key] + direct[1][key]) / 2, rel=1e-6)
 
@@ -275,6 +274,6 @@ def test_gdu_monitor_logs_the_current_weights_without_side_effects(tmp_path: Pat
     without_cb, _ = train([])
     for p, q in zip(with_cb.parameters(), without_cb.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
-    direct = gdu_metrics(gdu_check(with_cb.model, x[:10], labels[:10], T=40, K=5, beta=0.01))
+    direct = gdu_metrics(gdu_check(with_cb.net, x[:10], labels[:10], T=40, K=5, beta=0.01))
     for key in ("gdu/rmse/weights/synapses.0.weight", "gdu/cosine/weights/synapses.1.weight"):
         assert trainer.callback_metrics[key].item() == pytest.approx(direct[key], rel=1e-5)

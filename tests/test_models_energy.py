@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ep_lightning.algorithms import ep_surrogate
-from ep_lightning.dynamics import relax
+from ep_lightning.estimators import ep_surrogate
 from ep_lightning.models import EnergyBasedNet
 from ep_lightning.models.activations import ACTIVATIONS
+from ep_lightning.relaxation import relax
 
 
 def _random_state(model: EnergyBasedNet, batch: int) -> tuple[torch.Tensor, ...]:
@@ -89,7 +89,7 @@ def test_ep_surrogate_gradient_equals_hand_formula() -> None:
         drive = model.drive(x)
         free = relax(model, drive, model.init_state(x), 20)
         nudged = relax(model, drive, free, 5, beta, y)
-    grads = torch.autograd.grad(ep_surrogate(model, x, free, nudged, beta), list(model.parameters()))
+    grads = torch.autograd.grad(ep_surrogate(model, x, free, nudged, (0.0, beta)), list(model.parameters()))
     rho = model.rho
     layers_free = (x,) + free
     layers_nudged = (x,) + nudged

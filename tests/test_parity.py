@@ -46,9 +46,7 @@ def system_run(
 ) -> dict[str, Any]:
     """Everything this test asks of the LightningModule, in one place: s*, s^β and the EP update Δθ (minus the gradient
     of the system's update loss) of one EP training step, and the BPTT gradient of one BPTT training step that
-    back-propagates through the last ``bptt_window`` of T steps. The window is emulated with K = ``bptt_window``:
-    BPTT runs T − K steps without graph then K with graph, which equals a window of that length at the same T."""
-    from ep_lightning.algorithms import bptt_loss
+    back-propagates through the last ``bptt_window`` of T steps (``bptt_steps``)."""
     from ep_lightning.systems import EquilibriumModule
 
     names = [name for name, _ in net.named_parameters()]
@@ -56,9 +54,9 @@ def system_run(
     ep = EquilibriumModule(net, algorithm="ep", T=T, K=K, beta=beta)
     loss, free, phases, _ = ep.ep_update(x, target, net.init_state(x))
     update = {n: -g for n, g in zip(names, torch.autograd.grad(loss, params))}
-    bptt = EquilibriumModule(net, algorithm="bptt", T=T, K=bptt_window, beta=beta)
-    _, final = bptt.bptt_forward(x)
-    grads = dict(zip(names, torch.autograd.grad(bptt_loss(net, final, target), params)))
+    bptt = EquilibriumModule(net, algorithm="bptt", T=T, K=K, beta=beta, bptt_steps=bptt_window)
+    bptt_loss, _, _, _ = bptt.bptt_update(x, target, net.init_state(x))
+    grads = dict(zip(names, torch.autograd.grad(bptt_loss, params)))
     return {"free": free, "nudged": phases["nudged"], "ep_update": update, "bptt_grad": grads}
 
 

@@ -30,14 +30,14 @@ EP_SYSTEM = {
         # momentum and a scheduler, so that optimizer and scheduler state must be restored too
         "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0, "momentum": 0.9}},
         "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}},
-        "model": {"class_path": "ep_lightning.models.PrototypicalNet", "init_args": {"layers": [784, 16, 10]}},
+        "net": {"class_path": "ep_lightning.models.PrototypicalNet", "init_args": {"layers": [784, 16, 10]}},
     },
 }
 IEP_SYSTEM = {
     "class_path": "ep_lightning.systems.InitializedEP",
     "init_args": {
-        "T_minus": 4, "T_plus": 2, "beta": 0.5, "random_sign": True, "lam": 0.1, "lrs": [0.1, 0.05],
-        "model": {"class_path": "ep_lightning.models.EnergyBasedNet",
+        "T": 4, "K": 2, "beta": 0.5, "nudging": "random_sign", "lam": 0.1, "lrs": [0.1, 0.05],
+        "net": {"class_path": "ep_lightning.models.EnergyBasedNet",
                   "init_args": {"layers": [784, 16, 10], "activation": "hard_sigmoid", "eps": 0.5, "cost_scale": 1.0}},
         "initializer": {"class_path": "ep_lightning.models.FeedforwardInitializer", "init_args": {"layers": [784, 16, 10]}},
     },

@@ -16,18 +16,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from test_algorithms import _ep_vs_bptt_relative_error
+from test_estimators import _ep_vs_bptt_relative_error
 
-from ep_lightning.algorithms import ep_surrogate
 from ep_lightning.cli import cli_main
 from ep_lightning.data import MNISTDataModule, load_idx, to_float_images
-from ep_lightning.dynamics import RelaxationTrace, StoppingRule, relax
+from ep_lightning.estimators import ep_surrogate
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, PrototypicalNet
 from ep_lightning.models.activations import get_activation
 from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.random_sign import SignGenerator
+from ep_lightning.relaxation import RelaxationTrace, StoppingRule, relax
 from ep_lightning.systems import EquilibriumModule
-from ep_lightning.systems.equilibrium import SIGN_GENERATOR_KEY, WARM_START_KEY
+from ep_lightning.systems.base import SIGN_GENERATOR_KEY
+from ep_lightning.systems.equilibrium import WARM_START_KEY
 from ep_lightning.warm_start import PersistentStates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,17 +130,17 @@ def test_symmetric_bias_on_converged_p1h_sigmoid_batch() -> None:
 
 
 # --- batched ±β = two sequential nudged phases --------------------------------------------------------------------
-def tiny(kind: str) -> torch.nn.Module:
+def tiny(kind: str, activation: str | None = None) -> torch.nn.Module:
+    """A small float64 net of ``kind``; ``activation`` replaces the kind's own σ."""
     torch.manual_seed(0)
+    conv = {"input_size": 14, "channels": [2, 3], "kernel_size": 3, "num_classes": 4, "activation": activation or "sigmoid"}
     models = {
         "p1h_mse": lambda: PrototypicalNet([12, 9, 4]),
-        "p2h_ce": lambda: PrototypicalNet([12, 9, 7, 4], readout="ce"),
-        "p2h_ce_leaky": lambda: PrototypicalNet([12, 9, 7, 4], activation="tanh", dt=0.5, readout="ce"),
+        "p2h_ce": lambda: PrototypicalNet([12, 9, 7, 4], activation=activation or "sigmoid", readout="ce"),
+        "p2h_ce_leaky": lambda: PrototypicalNet([12, 9, 7, 4], activation=activation or "tanh", dt=0.5, readout="ce"),
         "eb1h": lambda: EnergyBasedNet([12, 9, 4]),
-        "conv_mse": lambda: ConvPrototypicalNet(input_size=14, channels=[2, 3], kernel_size=3, num_classes=4, activation="sigmoid"),
-        "conv_ce": lambda: ConvPrototypicalNet(
-            input_size=14, channels=[2, 3], kernel_size=3, num_classes=4, activation="sigmoid", readout="ce"
-        ),
+        "conv_mse": lambda: ConvPrototypicalNet(**conv),
+        "conv_ce": lambda: ConvPrototypicalNet(**conv, readout="ce"),
     }
     return models[kind]().double()
 
@@ -165,17 +166,16 @@ def test_batched_plus_minus_beta_equals_two_sequential_nudged_phases(kind: str) 
         free = relax(model, drive, model.init_state(x), 20)
         plus = relax(model, drive, free, 6, 0.3, y)
         minus = relax(model, drive, free, 6, -0.3, y)
-    doubled = module.symmetric_phases(x, y, free)
-    B = x.shape[0]
-    for p, m, d in zip(plus, minus, doubled):
-        assert d.shape[0] == 2 * B
-        torch.testing.assert_close(d[:B], p, **EXACT)
-        torch.testing.assert_close(d[B:], m, **EXACT)
+    free_, got_minus, got_plus = module.phases(x, y, model.init_state(x), (-0.3, 0.3))
+    for f, p, m, f_, gp, gm in zip(free, plus, minus, free_, got_plus, got_minus):
+        torch.testing.assert_close(f_, f, **EXACT)
+        torch.testing.assert_close(gp, p, **EXACT)
+        torch.testing.assert_close(gm, m, **EXACT)
     assert any((p - m).abs().max() > 1e-4 for p, m in zip(plus, minus)), "the two phases must differ"
     # and the module's update is the symmetric formula built from the sequential phases
     got = grads_of(module.ep_update(x, y, model.init_state(x))[0], model)
-    contrast = ep_surrogate(model, x, minus, plus, 0.6)
-    readout = model.readout_loss(free, y) if hasattr(model, "readout_loss") else None
+    contrast = ep_surrogate(model, x, minus, plus, (-0.3, 0.3))
+    readout = model.readout_loss(free, y)
     want = grads_of(contrast + readout if readout is not None else contrast, model)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **EXACT)
@@ -243,10 +243,7 @@ def test_readout_gradient_is_autograd_of_ce_at_the_free_fixed_point(kind: str, n
 def test_ce_step_equals_sigma_of_autograd_dphi_beta(kind: str, activation: str) -> None:
     """s ← s + dt(σ(∂Φ^β/∂s) − s) with Φ^β = Φ − β·CE(W_out s_L + b_out, y): the nudge inside σ (autograd of the
     model's Φ and of torch's cross_entropy; random states away from the fixed point)."""
-    model = tiny(kind)
-    model.sigma, _ = get_activation(activation)  # conv uses .sigma; P uses the fused form, rebuilt below
-    if isinstance(model, PrototypicalNet):
-        model = PrototypicalNet(model.layers, activation=activation, dt=model.dt, readout="ce").double()
+    model = tiny(kind, activation)
     x, labels, y = tiny_batch(model)
     g = torch.Generator().manual_seed(3)
     state = tuple(torch.rand(5, *shape, generator=g, dtype=torch.float64) for shape in model.init_state_shapes())
@@ -335,17 +332,17 @@ def test_random_sign_update_uses_the_drawn_sign_and_checkpoint_restores_the_stre
         with torch.no_grad():
             free = relax(model, model.drive(x), model.init_state(x), 20)
             nudged = relax(model, model.drive(x), free, 5, beta, y)
-        want = grads_of(ep_surrogate(model, x, free, nudged, beta), model)
+        want = grads_of(ep_surrogate(model, x, free, nudged, (0.0, beta)), model)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, **EXACT)
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
-    expected = [module.draw_beta() for _ in range(10)]
+    expected = [module.nudging_pair()[1] for _ in range(10)]
     restored = EquilibriumModule(tiny("p1h_mse"), beta=0.3, nudging="random_sign", sign_seed=99)
     restored.on_load_checkpoint(checkpoint)
-    assert [restored.draw_beta() for _ in range(10)] == expected
+    assert [restored.nudging_pair()[1] for _ in range(10)] == expected
     clone = pickle.loads(pickle.dumps(module))
-    assert [clone.draw_beta() for _ in range(10)] == [module.draw_beta() for _ in range(10)]
+    assert [clone.nudging_pair()[1] for _ in range(10)] == [module.nudging_pair()[1] for _ in range(10)]
 
 
 # --- adaptive relaxation --------------------------------------------------------------------------------------------
@@ -386,18 +383,16 @@ def test_persistent_states_table() -> None:
     init = (torch.zeros(3, 4), torch.zeros(3, 2, 2))
     first = table.start(torch.tensor([0, 5, 2]), init)
     assert all(torch.equal(a, b) for a, b in zip(first, init)), "unseen examples start from init"
-    assert table.capacity == 6
     stored = (torch.rand(3, 4), torch.rand(3, 2, 2))
     table.store(torch.tensor([0, 5, 2]), stored)
     again = table.start(torch.tensor([2, 9, 0]), init)  # 9: grows the table, not seen yet
-    assert table.capacity >= 10
     assert torch.equal(again[0][0], stored[0][2]) and torch.equal(again[0][2], stored[0][0])
     assert torch.equal(again[1][0], stored[1][2]) and torch.equal(again[0][1], init[0][1])
     copy_ = PersistentStates()
     copy_.load_state_dict(table.state_dict())
     restarted = copy_.start(torch.tensor([2, 9, 0]), init)
     assert all(torch.equal(a, b) for a, b in zip(restarted, again))
-    assert table.nbytes == table.capacity * (4 + 4) * 4
+    assert table.nbytes >= 10 * (4 + 4) * 4, "the table holds a float32 state for every index seen (0 … 9)"
 
 
 def test_return_index_batches() -> None:
@@ -420,7 +415,7 @@ def fit_args(tmp_path: Path, *extra: str, config: str = "p1h_ep.yaml") -> list[s
         "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]",
         "--data.data_dir", str(ROOT / "data"), "--data.test_subset", "40", "--data.eval_batch_size", "40",
-        "--model.init_args.model.init_args.layers", "[784, 32, 10]",
+        "--model.init_args.net.init_args.layers", "[784, 32, 10]",
         "--threads", "1", "--test_after_fit", "false", *extra,
     ]
 
@@ -439,14 +434,16 @@ def test_warm_start_and_adaptive_relaxation_save_free_steps(tmp_path: Path) -> N
     cold_steps = float(cold.trainer.callback_metrics["train/free_steps"])  # epoch-2 mean
     warm_steps = float(warm.trainer.callback_metrics["train/free_steps"])
     assert 3 < cold_steps < 30 and warm_steps == 1.0, (cold_steps, warm_steps)
-    table = warm.model.warm_states
-    assert table.capacity == 100 and bool(table.seen.all())
-    assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in table.states)
+    # every training image now starts from a stored, finite, non-zero state (not from init_state)
+    images = warm.datamodule.train_set.images[:100]
+    init = warm.model.net.init_state(images)
+    stored = warm.model.warm_states.start(torch.arange(100), init)
+    assert all(torch.isfinite(s).all() and bool((s != i).flatten(1).any(dim=1).all()) for s, i in zip(stored, init))
     # evaluation starts from zero, not from the table
-    x = warm.datamodule.train_set.images[:5]
+    x = images[:5]
     with torch.no_grad():
-        from_zero = relax(warm.model.model, warm.model.model.drive(x), warm.model.model.init_state(x), 30)
-    assert torch.equal(warm.model.predict_step((x, torch.zeros(5)), 0), warm.model.model.predict(from_zero))
+        from_zero = relax(warm.model.net, warm.model.net.drive(x), warm.model.net.init_state(x), 30)
+    assert torch.equal(warm.model.predict_step((x, torch.zeros(5)), 0), warm.model.net.predict(from_zero))
 
 
 def test_warm_start_needs_return_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -458,7 +455,7 @@ def test_warm_start_needs_return_index(tmp_path: Path, capsys: pytest.CaptureFix
     assert "model.warm_start=true needs" in err and "data.return_index=true" in err
     module = EquilibriumModule(tiny("p1h_mse"), warm_start=True)
     with pytest.raises(ValueError, match="data.return_index=true"):
-        module._start_state(torch.zeros(2, 12, dtype=torch.float64), None)
+        module.start_state(torch.zeros(2, 12, dtype=torch.float64), None)
 
 
 def test_resume_is_exact_with_random_sign_and_warm_start(tmp_path: Path) -> None:
@@ -557,3 +554,51 @@ def test_variants_under_ddp_equal_one_process(kind: str, readout: str, nudging: 
     ranks, reference, initial = D.run_ddp_and_reference(module, "fork", tmp_path)
     D.check_shards(ranks, reference)
     D.assert_ddp_equals_reference(ranks, reference, initial)
+
+
+# --- no host synchronisation in the training step ---------------------------------------------------------------
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize(
+    "algorithm, nudging, warm_start",
+    [("ep", "one_sided", True), ("ep", "symmetric", False), ("bptt", "one_sided", False)],
+)
+def test_training_step_reads_no_tensor_value_on_the_host(
+    algorithm: str, nudging: str, warm_start: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Apart from the divergence guard's one check (replaced here), the training step never turns a tensor into a
+    Python value (on a GPU each would wait for the device). Control: the real guard is seen to read one value."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ep_lightning.systems import base
+
+    reads: list[str] = []
+    per_step: list[list[str]] = []
+
+    class Probe(EquilibriumModule):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            with monkeypatch.context() as m:
+                for name in HOST_READS:
+                    original = getattr(torch.Tensor, name)
+                    m.setattr(torch.Tensor, name, lambda t, *a, _n=name, _o=original: (reads.append(_n), _o(t, *a))[1])
+                out = super().training_step(batch, batch_idx)
+            per_step.append(reads[sum(map(len, per_step)):])
+            return out
+
+    torch.manual_seed(0)
+    module = Probe(PrototypicalNet([12, 9, 4]), algorithm=algorithm, T=6, K=3, beta=0.3, lrs=[0.1, 0.1],
+                   nudging=nudging, warm_start=warm_start)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(12, 12, generator=g), torch.randint(0, 4, (12,), generator=g), torch.arange(12))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    with monkeypatch.context() as m:
+        m.setattr(base, "check_training_step", lambda *args: True)
+        trainer.fit(module, DataLoader(data, batch_size=4))
+    assert trainer.global_step == 3 and per_step == [[], [], []], per_step
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    assert "__bool__" in reads, "control: the guard's check is a host read"

@@ -1,6 +1,6 @@
 """ConvergenceMonitor: how the free phase settles and how the nudged phase moves, in TensorBoard.
 
-What is logged (tags; ``{layer}`` is ``model.state_names()``: ``layer1`` … ``output``; t is the relaxation step):
+What is logged (tags; ``{layer}`` is ``net.state_names()``: ``layer1`` … ``output``; t is the relaxation step):
 
 * **Fixed monitoring batch, at the end of every ``every_n_epochs``-th epoch** (the same samples every epoch, so
   epochs compare like for like: the first ``max_samples`` samples of the validation set, or of the training set
@@ -24,7 +24,7 @@ What is logged (tags; ``{layer}`` is ``model.state_names()``: ``layer1`` … ``o
   ``convergence/train/free/unconverged_frac``, ``convergence/train/{free,nudged}/final_residual/{layer}``,
   ``saturation/train/{free,nudged}/{layer}``; curves in runs ``<version>/relaxation/step_NNNNNNN``
   (``convergence/train/{free,nudged}/residual/{layer}``, ``…/log10_residual/{layer}``, ``…/phi``); the figure
-  ``convergence/train/relaxation`` (output trajectories only for the fixed batch: a figure costs ~0.15 s).
+  ``convergence/train/relaxation`` (output trajectories only for the fixed batch).
 
 * A **custom-scalars layout** (TensorBoard's "Custom Scalars" tab) groups these charts, written once at fit start.
 
@@ -53,10 +53,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from ep_lightning.algorithms import ep_surrogate
-from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.estimators import ep_surrogate
 from ep_lightning.models.activations import ACTIVATION_BOUNDS
 from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.protocols import RelaxingSystem
+from ep_lightning.relaxation import RelaxationTrace, relax
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,8 @@ def _record(trace: RelaxationTrace, state: State, tolerance: float) -> PhaseReco
 class ConvergenceMonitor(L.Callback):
     """Logs the convergence of the free phase and the motion of the nudged phase to TensorBoard (see module doc).
 
-    Works with any LightningModule that has ``model`` (an ``EnergyModel``) and the int ``T`` (free steps), and for
-    the nudged phase ``K`` (or ``T_plus``) and ``beta`` (``EquilibriumModule`` and ``InitializedEP`` have them; see
-    ``snapshot`` for the start state and drive). Relaxations run under ``no_grad`` and do not touch parameters,
+    Works with any ``RelaxingSystem`` (``ep_lightning.protocols``: every system of ``ep_lightning.systems``); see
+    ``snapshot`` for the start state and drive. Relaxations run under ``no_grad`` and do not touch parameters,
     gradients, optimizer state or random number generators.
     """
 
@@ -217,17 +217,17 @@ class ConvergenceMonitor(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.active or stage != "fit":
             return
-        model, steps = getattr(pl_module, "model", None), getattr(pl_module, "T", None)
-        if not isinstance(model, EnergyModel) or not isinstance(steps, int):
-            raise ValueError(
-                f"ConvergenceMonitor needs a LightningModule with `model` (an EnergyModel) and an int `T` (free-phase "
-                f"steps); {type(pl_module).__name__} lacks them. Remove the callback or set `enabled: false`."
+        if not isinstance(pl_module, RelaxingSystem):
+            raise TypeError(
+                f"ConvergenceMonitor needs a system of ep_lightning.systems (a RelaxingSystem: `net`, `T`, `K`, "
+                f"`beta`, `initial_state`, `relaxation_drive`); {type(pl_module).__name__} is not one. Remove the "
+                f"callback or set `enabled: false`."
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.active or not trainer.is_global_zero:
             return
-        layout = self.custom_scalars_layout(pl_module.model.state_names())
+        layout = self.custom_scalars_layout(pl_module.net.state_names())
         for logger in self._tb_loggers(trainer):
             logger.experiment.add_custom_scalars(layout)
 
@@ -290,24 +290,20 @@ class ConvergenceMonitor(L.Callback):
         return x.to(pl_module.device), labels.to(pl_module.device)
 
     # --- measurement --------------------------------------------------------------------------------------------
-    def snapshot(self, pl_module: L.LightningModule, x: Tensor, labels: Tensor, trajectories: bool = True) -> Snapshot:
+    def snapshot(self, system: RelaxingSystem, x: Tensor, labels: Tensor, trajectories: bool = True) -> Snapshot:
         """Relax the free phase (T steps) and the nudged phase (K steps at β, from s*) with traces.
 
-        The phases are the module's: the start state is ``pl_module.initial_state(x)`` and the drive
-        ``pl_module.negative_drive(x, start)`` when the module defines them (Initialized EP: s^f and the anchored
-        E^λ), else ``model.init_state(x)`` and ``model.drive(x)``; K is ``pl_module.K`` (or ``T_plus``).
+        The phases are the system's: start ``system.initial_state(x)``, drive ``system.relaxation_drive(x, start)``
+        (Initialized EP: s^f and the anchored E^λ); no nudged phase when K or β is 0.
         """
-        model: EnergyModel = pl_module.model
-        beta = float(getattr(pl_module, "beta", 0.0) or 0.0)
-        K = int(getattr(pl_module, "K", None) or getattr(pl_module, "T_plus", 0) or 0)
+        model: EnergyModel = system.net
+        beta, K = float(system.beta), int(system.K)
         keep = self.trajectory_samples if trajectories else 0
-        initial_state = getattr(pl_module, "initial_state", None)
-        negative_drive = getattr(pl_module, "negative_drive", None)
         with torch.no_grad():
-            start = initial_state(x) if callable(initial_state) else model.init_state(x)
-            drive = negative_drive(x, start) if callable(negative_drive) else model.drive(x)
+            start = system.initial_state(x)
+            drive = system.relaxation_drive(x, start)
             free_trace = RelaxationTrace(x=x, model=model, keep_outputs=keep)
-            free = relax(model, drive, start, pl_module.T, trace=free_trace)
+            free = relax(model, drive, start, system.T, trace=free_trace)
             nudged_record = None
             if beta != 0.0 and K > 0:
                 target = model.encode_target(labels, x)
@@ -325,7 +321,7 @@ class ConvergenceMonitor(L.Callback):
         phases = [("free", snap.free)] + ([("nudged", snap.nudged)] if snap.nudged is not None else [])
         if snap.nudged is not None:
             metrics[f"convergence/{prefix}nudged/steps_to_tol"] = float(snap.nudged.steps_to_tol)
-        bounds = ACTIVATION_BOUNDS.get(getattr(pl_module.model, "activation_name", None) or "", None)
+        bounds = ACTIVATION_BOUNDS.get(getattr(pl_module.net, "activation_name", None) or "", None)
         for phase, rec in phases:
             for layer, name in enumerate(snap.names):
                 metrics[f"convergence/{prefix}{phase}/final_residual/{name}"] = float(rec.residuals[-1, layer])
@@ -411,7 +407,7 @@ class ConvergenceMonitor(L.Callback):
         self, trainer: L.Trainer, snap: Snapshot, pl_module: L.LightningModule, step: int, prefix: str,
         trajectories: bool = True,
     ) -> None:
-        """Relaxation figure (and, when ``trajectories``, the output-trajectory figure: ~0.15 s each to render)."""
+        """Relaxation figure (and, when ``trajectories``, the output-trajectory figure)."""
         loggers = self._tb_loggers(trainer)
         if not loggers:
             return
@@ -438,7 +434,7 @@ class ConvergenceMonitor(L.Callback):
         loggers = self._tb_loggers(trainer)
         if not loggers:
             return
-        model: EnergyModel = pl_module.model
+        model: EnergyModel = pl_module.net
         hists: dict[str, Tensor] = {}
         for phase, rec in (("free", snap.free), ("nudged", snap.nudged)):
             if rec is not None:
@@ -448,7 +444,7 @@ class ConvergenceMonitor(L.Callback):
         if snap.nudged is not None and named:
             beta = float(pl_module.beta)
             with torch.enable_grad():
-                surrogate = ep_surrogate(model, snap.x, snap.free.state, snap.nudged.state, beta)
+                surrogate = ep_surrogate(model, snap.x, snap.free.state, snap.nudged.state, (0.0, beta))
                 grads = torch.autograd.grad(surrogate, [p for _, p in named], allow_unused=True)
             # ∇θ L_EP = −Δθ: the EP update is minus the surrogate's gradient (parameters' .grad untouched).
             hists.update({f"ep_update/{n}": -g for (n, _), g in zip(named, grads) if g is not None})

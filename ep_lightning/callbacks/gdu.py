@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from ep_lightning.gdu import energy_model_of, gdu_check, gdu_curves_figure, gdu_metrics, gdu_rmse_figure, gdu_settings
+from ep_lightning.gdu import gdu_check, gdu_curves_figure, gdu_metrics, gdu_rmse_figure, gdu_settings
 
 
 class GDUMonitor(L.Callback):
@@ -66,7 +66,7 @@ class GDUMonitor(L.Callback):
         T, K, beta = gdu_settings(pl_module, self.T, self.K, self.beta)
         x, labels = (t.to(pl_module.device) for t in self._batch)
         with torch.enable_grad():
-            result = gdu_check(energy_model_of(pl_module), x, labels, T, K, beta)
+            result = gdu_check(pl_module.net, x, labels, T, K, beta)
         metrics = gdu_metrics(result)
         for key, value in metrics.items():
             pl_module.log(key, value, on_epoch=True, sync_dist=True)

@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from ep_lightning.dynamics import RelaxationTrace, relax
+from ep_lightning.protocols import InitializedSystem
+from ep_lightning.relaxation import RelaxationTrace, relax
 
 
 class InitializationMonitor(L.Callback):
@@ -20,8 +21,8 @@ class InitializationMonitor(L.Callback):
     - scalars ``iep/residual_final/from_init/<layer>`` and ``iep/residual_final/from_zero/<layer>`` (last step),
     - ``iep/dist_init_to_fixed_point/<layer>``: ‖s^f − s_T‖ with s_T the end of the relaxation from s^f.
 
-    Works with ``InitializedEP`` and ``InitializerDistillation`` (it needs ``initializer``, ``initial_state``,
-    ``negative_drive`` and ``T``); a module without an initializer is skipped.
+    Works with any ``InitializedSystem`` (``InitializedEP``, ``InitializerDistillation``); a system without an
+    initializer is skipped.
     """
 
     def __init__(self, every_n_epochs: int = 1, max_samples: int = 100, steps: int | None = None) -> None:
@@ -48,12 +49,12 @@ class InitializationMonitor(L.Callback):
             self._batch = batch[0][: self.max_samples].detach().clone()
 
     @staticmethod
-    def residual_curves(pl_module: L.LightningModule, x: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    def residual_curves(system: InitializedSystem, x: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
         """(residuals from s^f, residuals from zero) as (steps, layers) tensors, and ‖s^f − s_T‖ per layer."""
-        model = pl_module.model
+        model = system.net
         with torch.no_grad():
-            s_f = pl_module.initial_state(x)
-            drive = pl_module.negative_drive(x, s_f)
+            s_f = system.initial_state(x)
+            drive = system.relaxation_drive(x, s_f)
             from_init, from_zero = RelaxationTrace(), RelaxationTrace()
             final = relax(model, drive, s_f, steps, trace=from_init)
             relax(model, drive, model.init_state(x), steps, trace=from_zero)
@@ -63,11 +64,11 @@ class InitializationMonitor(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.every_n_epochs or self._batch is None or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        if getattr(pl_module, "initializer", None) is None:
+        if not isinstance(pl_module, InitializedSystem) or pl_module.initializer is None:
             return
         x = self._batch.to(pl_module.device)
         res_init, res_zero, dist = self.residual_curves(pl_module, x, self.steps or pl_module.T)
-        names = pl_module.model.state_names()
+        names = pl_module.net.state_names()
         for layer, name in enumerate(names):
             pl_module.log(
                 f"iep/residual_final/from_init/{name}", float(res_init[-1, layer]), on_epoch=True, sync_dist=True

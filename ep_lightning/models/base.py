@@ -60,6 +60,10 @@ class EnergyModel(nn.Module, ABC):
         has the same value and gradient (tested against this default)."""
         return (self.phi(x, free) - self.phi(x, nudged)).sum()
 
+    def readout_loss(self, state: State, target: Tensor) -> Tensor | None:
+        """A loss whose θ-gradient is added to the EP update (a read-out outside the dynamics), or None."""
+        return None
+
     @abstractmethod
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         """Parameters grouped by layer, input → output, one group per per-layer learning rate."""
@@ -101,7 +105,7 @@ class EnergyModel(nn.Module, ABC):
 
     def forward(self, x: Tensor, steps: int) -> Tensor:
         """Inference: relax the free phase ``steps`` steps from ``init_state`` and return the output layer."""
-        from ep_lightning.dynamics import relax
+        from ep_lightning.relaxation import relax
 
         with torch.no_grad():
             state = relax(self, self.drive(x), self.init_state(x), steps)

@@ -1,9 +1,7 @@
 """LightningModules: how a network learns."""
 
+from ep_lightning.systems.base import EnergySystem, EPSystem
 from ep_lightning.systems.equilibrium import EquilibriumModule
-
-__all__ = ["EquilibriumModule"]
-
 from ep_lightning.systems.initialized import InitializedEP, InitializerDistillation
 
-__all__ += ["InitializedEP", "InitializerDistillation"]
+__all__ = ["EPSystem", "EnergySystem", "EquilibriumModule", "InitializedEP", "InitializerDistillation"]
