@@ -12,7 +12,7 @@ from ep_lightning.callbacks.divergence import DivergenceError
 from ep_lightning.data import MNISTDataModule
 from ep_lightning.runtime import configure_threads, tune_allocator
 from ep_lightning.trainer import EPTrainer
-from ep_lightning.validation import user_error
+from ep_lightning.config_checks import user_error
 
 
 class EPLightningCLI(LightningCLI):
