@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ep_lightning.models import EnergyBasedNet, PrototypicalNet
 from ep_lightning.systems import EquilibriumModule
-from ep_lightning.validation import ConfigError
+from ep_lightning.config_checks import ConfigError
 
 MODELS = {
     "p2h": lambda: PrototypicalNet([6, 5, 4, 3]),

@@ -20,7 +20,7 @@ from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.random_sign import SignGenerator, run_seed
 from ep_lightning.relaxation import CompiledPhases
 from ep_lightning.resume import catch_up_epoch_schedulers
-from ep_lightning.validation import ConfigError, check_module_fits_datamodule
+from ep_lightning.config_checks import ConfigError, check_module_fits_datamodule
 from ep_lightning.warm_start import PersistentStates
 
 Nudging = Literal["one_sided", "symmetric", "random_sign"]
