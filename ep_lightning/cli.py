@@ -1,22 +1,107 @@
-"""LightningCLI entry point: ``python train.py fit|validate|test|predict|gdu --config configs/….yaml``."""
+"""LightningCLI entry point: ``python train.py fit|validate|test|predict|gdu --config configs/….yaml``.
+
+Every run loads ``configs/defaults.yaml`` (trainer, logger, checkpointing, monitors) first; the ``--config`` files
+given on the command line override it. Besides LightningCLI's behaviour:
+
+- ``fit --ckpt_path last`` continues the latest run of the same config (its folder, its ``last.ckpt``) and says so;
+- a checkpoint of another model class, architecture or algorithm is refused before anything is built;
+- SIGTERM / SIGINT stop within one training step and leave ``last.ckpt`` (``ep_lightning.interrupt``);
+- errors in the configuration, the data or the environment are one line on stderr, and a run that fails to start
+  leaves no empty run folder behind.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ep_lightning.callbacks.divergence import DivergenceError
+from ep_lightning.config_checks import (
+    ConfigError,
+    check_checkpoint_matches,
+    check_relaxation_steps,
+    check_trainer_settings,
+    checkpoint_signature,
+    config_file_errors,
+    user_error,
+)
 from ep_lightning.data import MNISTDataModule
+from ep_lightning.interrupt import GracefulInterrupt, Interrupted
+from ep_lightning.progress import SummaryWithoutFlops, progress_for_output
 from ep_lightning.runtime import configure_threads, tune_allocator
 from ep_lightning.trainer import EPTrainer
-from ep_lightning.config_checks import user_error
+
+#: The repository root (configs/ lives here); default config files are found from any working directory.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = REPO_ROOT / "configs" / "defaults.yaml"
+#: Checkpoint key of the config signature (model class, algorithm, sub-network classes and arguments).
+SIGNATURE_KEY = "ep_lightning_signature"
+#: TensorBoardLogger's own default run name; a run left with it is named after its first --config file.
+_TB_DEFAULT_NAME = "lightning_logs"
+
+
+def _is_rank_zero() -> bool:
+    """True in the launching process (DDP children of ``ddp`` have RANK/LOCAL_RANK > 0 in their environment)."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _say(message: str) -> None:
+    if _is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
+
+
+def _as_dict(value: Any) -> Any:
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+class CheckpointSignature(L.Callback):
+    """Writes the run's model class, algorithm and sub-network configuration into every checkpoint, so that a later
+    ``--ckpt_path`` with another config is refused by name instead of loading weights into the wrong model."""
+
+    def __init__(self, signature: dict[str, Any]) -> None:
+        self.signature = signature
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[SIGNATURE_KEY] = self.signature
+
+
+class _RunFolder:
+    """The logger folder of this run, to remove it again if the run fails before writing a checkpoint."""
+
+    root: Path | None = None
+    existing: set[str] = set()
+
+    @classmethod
+    def remember(cls, root: Path) -> None:
+        cls.root = root
+        cls.existing = {p.name for p in root.iterdir()} if root.is_dir() else set()
+        cls.root_existed = root.is_dir()
+
+    @classmethod
+    def remove_empty_new(cls) -> None:
+        """Delete version folders created by this process that hold no checkpoint (a failed start)."""
+        root = cls.root
+        if root is None or not root.is_dir() or not _is_rank_zero():
+            return
+        for folder in root.iterdir():
+            if folder.name not in cls.existing and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+                shutil.rmtree(folder, ignore_errors=True)
+        if not cls.root_existed and not any(root.iterdir()):
+            root.rmdir()
 
 
 class EPLightningCLI(LightningCLI):
-    """LightningCLI with three extra options: ``--threads``, ``--malloc_tuning`` and ``--test_after_fit``."""
+    """LightningCLI with ``--threads``, ``--malloc_tuning``, ``--test_after_fit`` and the behaviour above."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -44,25 +129,176 @@ class EPLightningCLI(LightningCLI):
         """Lightning's subcommands plus ``gdu`` (``EPTrainer.gdu``: EP updates against BPTT gradients, step by step)."""
         return {**LightningCLI.subcommands(), "gdu": {"model", "dataloaders", "datamodule"}}
 
+    # --- before anything is built ------------------------------------------------------------------------------
+    def _subconfig(self) -> Any:
+        return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``fit --ckpt_path last`` to the latest run of this config, and refuse a missing, unreadable or
+        foreign checkpoint, before LightningCLI applies the checkpoint's hyperparameters to the config."""
+        config = self._subconfig()
+        self._name_run_after_config(config)
+        ckpt_path = config.get("ckpt_path")
+        subcommand = self.config.get("subcommand")
+        if subcommand == "fit" and ckpt_path == "last":
+            config.ckpt_path = str(self._latest_run_checkpoint(config))
+            ckpt_path = config.ckpt_path
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            path = Path(ckpt_path)
+            if not path.is_file():
+                raise ConfigError(
+                    f"ckpt_path={ckpt_path!r}: no such file; give the path of a .ckpt file written by a run "
+                    f"(e.g. runs/<name>/version_<N>/checkpoints/last.ckpt) or `--ckpt_path last` with fit"
+                )
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:
+                raise ConfigError(
+                    f"ckpt_path={ckpt_path!r} is truncated or not a checkpoint ({type(err).__name__}); use another "
+                    f"file, e.g. an earlier checkpoint of the same run"
+                ) from None
+            check_checkpoint_matches(str(path), checkpoint, checkpoint_signature(_as_dict(config.get("model"))))
+        super()._parse_ckpt_path()
+
+    def _logger_settings(self, config: Any) -> tuple[Any, Any]:
+        """(logger init_args namespace, class path) of a single configured logger, else (None, None)."""
+        logger = config.get("trainer", {}).get("logger") if hasattr(config, "get") else None
+        if isinstance(logger, list):
+            logger = logger[0] if len(logger) == 1 else None
+        if logger is None or isinstance(logger, bool) or not hasattr(logger, "get"):
+            return None, None
+        return logger.get("init_args"), logger.get("class_path")
+
+    def _name_run_after_config(self, config: Any) -> None:
+        """A TensorBoard run without an explicit name is named after the first --config file (p1h_ep, …)."""
+        init_args, class_path = self._logger_settings(config)
+        if init_args is None or not str(class_path).endswith("TensorBoardLogger"):
+            return
+        files = config.get("config") or []
+        if init_args.get("name") in (None, _TB_DEFAULT_NAME) and files:
+            first = files[0]
+            path = getattr(first, "relative", None) or getattr(first, "abs_path", None) or str(first)
+            init_args.name = Path(str(path)).stem
+
+    def _latest_run_checkpoint(self, config: Any) -> Path:
+        """``<save_dir>/<name>/version_<N>/checkpoints/last.ckpt`` of the highest N that has one; the logger is
+        pointed at that version, so the continued run writes into the same folder."""
+        init_args, _ = self._logger_settings(config)
+        if init_args is None or init_args.get("save_dir") is None:
+            raise ConfigError(
+                "ckpt_path='last' needs a TensorBoardLogger with save_dir and name (configs/defaults.yaml) to find "
+                "the previous run; give the checkpoint file instead: --ckpt_path runs/<name>/version_<N>/checkpoints/…"
+            )
+        root = Path(init_args.get("save_dir")) / str(init_args.get("name") or "")
+        runs = []
+        for folder in root.glob("version_*"):
+            suffix = folder.name.removeprefix("version_")
+            if suffix.isdigit() and (folder / "checkpoints" / "last.ckpt").is_file():
+                runs.append((int(suffix), folder))
+        if not runs:
+            raise ConfigError(
+                f"ckpt_path='last': no earlier run of this config has a checkpoint ({root}/version_*/checkpoints/"
+                f"last.ckpt); start without --ckpt_path, or give the checkpoint file"
+            )
+        version, folder = max(runs)
+        init_args.version = version
+        path = folder / "checkpoints" / "last.ckpt"
+        _say(f"resuming from {path}")
+        return path
+
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._subconfig()
         configure_threads(config.get("threads"))
         if config.get("malloc_tuning", True):
             tune_allocator()
+        check_trainer_settings(_as_dict(config.get("trainer")) or {})
+        check_relaxation_steps(_as_dict(config.get("model")) or {})
+        init_args, class_path = self._logger_settings(config)
+        if init_args is not None and init_args.get("save_dir") is not None:
+            save_dir = Path(init_args.get("save_dir"))
+            _check_writable(save_dir, "trainer.logger.init_args.save_dir")
+            _RunFolder.remember(save_dir / str(init_args.get("name") or ""))
 
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer with this project's progress display and model summary, the stop-signal handler and the
+        checkpoint signature (see module docstring)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        callbacks = trainer.callbacks
+        for i, callback in enumerate(callbacks):
+            if type(callback) is TQDMProgressBar:
+                callbacks[i] = progress_for_output()
+            elif type(callback) is ModelSummary:
+                callbacks[i] = SummaryWithoutFlops(max_depth=callback._max_depth)
+        callbacks.append(GracefulInterrupt())
+        callbacks.append(CheckpointSignature(checkpoint_signature(_as_dict(self._subconfig().get("model")))))
+        return trainer
+
+    # --- after a subcommand -------------------------------------------------------------------------------------
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
         if config.get("test_after_fit", True) and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule)
+            self._print_test_summary()
+
+    def after_test(self) -> None:
+        self._print_test_summary()
+
+    def _print_test_summary(self) -> None:
+        accuracy = self.trainer.callback_metrics.get("test/acc")
+        if accuracy is not None and self.trainer.is_global_zero:
+            value = 100.0 * float(accuracy)
+            print(f"test accuracy {value:.2f} % (error {100.0 - value:.2f} %)", flush=True)
+
+
+def _check_writable(folder: Path, field: str) -> None:
+    """ConfigError naming ``field`` unless ``folder`` exists (or can be created) and is writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"{field}={str(folder)!r} is not writable ({err.strerror or type(err).__name__}); point it at a folder "
+            f"you can write, e.g. --{field} /tmp/runs"
+        ) from None
+
+
+class _DropAdvertisement(logging.Filter):
+    """Lightning's info line recommending a cloud logging product on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Silence messages that carry no information for this project: the logging advertisement, the deprecation
+    warning that Lightning's own pytree helper triggers with recent torch, and the empty-validation notice (a run
+    without a validation split returns no validation loader on purpose)."""
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdvertisement())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    # the systems log epoch means that they already summed over ranks themselves (metrics.EpochMeans)
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('train/")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
     """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (used by tests).
 
-    A bad configuration or data file (or a diverged run) is reported as one line ``error: <message>`` on stderr with
-    exit status 2 (1 for divergence) instead of a traceback through jsonargparse and Lightning; set
+    A bad configuration, checkpoint or data file (or a diverged run) is reported as one line ``error: <message>``
+    on stderr with exit status 2 (1 for divergence) instead of a traceback through jsonargparse and Lightning; a run
+    stopped by SIGTERM/SIGINT says where its checkpoint is and exits with 128 + the signal number. Set
     ``EP_LIGHTNING_TRACEBACK=1`` to see the full traceback.
     """
+    quiet_lightning()
+    argv = sys.argv[1:] if args is None else list(args)
+    problem = config_file_errors(argv, [DEFAULTS])
+    if problem is not None:
+        _say(f"error: {problem}")
+        raise SystemExit(2)
+    subcommands = ("fit", "validate", "test", "predict", "gdu")
+    defaults = {"default_config_files": [str(DEFAULTS)]} if DEFAULTS.is_file() else {}
     try:
         return EPLightningCLI(
             L.LightningModule,
@@ -72,13 +308,24 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
             subclass_mode_data=True,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={name: dict(defaults) for name in subcommands},
             args=args,
             run=run,
             auto_configure_optimizers=False,
         )
-    except Exception as err:  # reliability: one clear line for errors written for the user (validation.py)
+    except Interrupted as err:
+        message = err.summary() if hasattr(err, "summary") else str(err)
+        if err.checkpoint:
+            message += "; continue with the same command and --ckpt_path last"
+        _say(message)
+        raise SystemExit(128 + int(err.signum)) from None
+    except Exception as err:  # reliability: one clear line for errors written for the user (config_checks.py)
         cause = user_error(err)
         if cause is None or os.environ.get("EP_LIGHTNING_TRACEBACK") == "1":
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        _RunFolder.remove_empty_new()
+        _say(f"error: {cause}")
         raise SystemExit(1 if isinstance(cause, DivergenceError) else 2) from cause
+
+
+__all__ = ["EPLightningCLI", "cli_main", "configure_threads"]

@@ -113,3 +113,120 @@ def user_error(err: BaseException) -> BaseException | None:
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+# --- command-line level checks (ep_lightning.cli) ---------------------------------------------------------------
+#: Largest number of relaxation steps accepted for T, K, eval_steps, … (the papers use at most 500): time and the
+#: monitors' traces grow linearly with the steps, and a mistyped value would otherwise run for days.
+MAX_RELAXATION_STEPS = 10_000
+_STEP_FIELDS = ("T", "K", "eval_steps", "bptt_steps", "T_minus", "T_plus")
+
+
+def check_relaxation_steps(model_config: dict[str, Any]) -> None:
+    """ConfigError if a relaxation-step count of the model exceeds :data:`MAX_RELAXATION_STEPS`."""
+    init_args = model_config.get("init_args") or {}
+    for field in _STEP_FIELDS:
+        value = init_args.get(field)
+        if isinstance(value, int) and value > MAX_RELAXATION_STEPS:
+            raise ConfigError(
+                f"model.init_args.{field}={value} exceeds {MAX_RELAXATION_STEPS} relaxation steps (the papers use at "
+                f"most 500; time and monitor memory grow with the steps); use a value ≤ {MAX_RELAXATION_STEPS}"
+            )
+
+
+def check_trainer_settings(trainer: dict[str, Any]) -> None:
+    """ConfigError for trainer values Lightning would reject with a traceback (epochs, accelerator)."""
+    for field in ("max_epochs", "min_epochs"):
+        value = trainer.get(field)
+        if isinstance(value, int) and value < -1:
+            raise ConfigError(
+                f"trainer.{field}={value} is invalid: use a number of epochs ≥ 0 (or -1 for no limit on max_epochs)"
+            )
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str) and accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.accelerator={accelerator!r} but this machine has no usable CUDA GPU; use "
+                f"--trainer.accelerator cpu (or auto)"
+            )
+    if accelerator == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ConfigError("trainer.accelerator='mps' but MPS is not available here; use --trainer.accelerator cpu")
+
+
+def checkpoint_signature(model_config: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint must share with the config that loads it: the LightningModule class, its ``algorithm``,
+    and the class and arguments of every sub-network it is given (``net``/``model``, ``initializer``, …)."""
+    if not model_config:
+        return {}
+    init_args = model_config.get("init_args") or {}
+    signature: dict[str, Any] = {"model class": model_config.get("class_path")}
+    if "algorithm" in init_args:
+        signature["algorithm"] = init_args["algorithm"]
+    for key, value in sorted(init_args.items()):
+        if isinstance(value, dict) and "class_path" in value:
+            signature[f"{key} class"] = value["class_path"]
+            for arg, arg_value in sorted((value.get("init_args") or {}).items()):
+                signature[f"{key}.{arg}"] = arg_value
+    return signature
+
+
+def check_checkpoint_matches(path: str, checkpoint: dict[str, Any], expected: dict[str, Any]) -> None:
+    """ConfigError naming the checkpoint and every differing field if it was written for another model class,
+    algorithm or network. Checkpoints without a signature are compared on the LightningModule's class_path and
+    algorithm (in their hyperparameters)."""
+    saved = checkpoint.get("ep_lightning_signature")
+    if saved is None:
+        hparams = checkpoint.get("hyper_parameters") or {}
+        saved = {"model class": hparams.get("_class_path")}
+        if "algorithm" in hparams:
+            saved["algorithm"] = hparams["algorithm"]
+        expected = {k: v for k, v in expected.items() if k in saved and saved[k] is not None}
+    keys = [k for k in dict.fromkeys([*saved, *expected]) if _normal(saved.get(k)) != _normal(expected.get(k))]
+    if keys:
+        diffs = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, config {expected.get(k)!r}" for k in keys)
+        raise ConfigError(
+            f"checkpoint {path} was written for another model ({diffs}); use the config it was trained with "
+            f"(its run folder holds config.yaml)"
+        )
+
+
+def _normal(value: Any) -> Any:
+    """Compare lists/tuples and ints/floats by value (YAML may give 1 where the checkpoint holds 1.0)."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def config_file_errors(argv: list[str], defaults: list[Path]) -> str | None:
+    """One line for the first config file (``--config X`` in ``argv``, or a default file) that is missing or not
+    valid YAML, naming the file, the line and column; None if all parse."""
+    import yaml
+
+    files = [p for p in defaults if p.is_file()]
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(Path(argv[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(Path(arg.split("=", 1)[1]))
+    for path in files:
+        if not path.is_file():
+            return f"config file {path} does not exist; check the path given to --config"
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            return f"config file {path} is not valid YAML{where}: {problem}; fix the file"
+        except OSError as err:
+            return f"config file {path} cannot be read ({err.strerror}); check its permissions"
+    return None
