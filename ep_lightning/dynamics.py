@@ -159,7 +159,7 @@ def relax(
     if stop is not None:
         stop.steps_run, stop.converged, stop.residual = 0, False, float("nan")
     for t in range(1, steps + 1):
-        if t % CHECK_EVERY == 0 and STOP.signum is not None:  # SIGTERM/SIGINT: a Python test, no host sync
+        if t % CHECK_EVERY == 0 and STOP.relaxations:  # SIGTERM/SIGINT: a Python test, no host sync
             check_interrupt(t)
         new_state = model.step(state, drive, beta, target)
         if trace is not None:
