@@ -7,9 +7,9 @@ at the end of a batch; SIGINT is not saved at all. Here the handler only records
 - at every training batch end the ranks agree (one ``reduce_boolean_decision``, the same call on every rank) on
   whether any of them got a signal; if so they save ``last.ckpt`` (the state after that batch, from which
   ``--ckpt_path last`` continues exactly) and stop with :class:`TrainingInterrupted`;
-- inside a relaxation, :func:`check_interrupt` (called by ``relax`` every ``CHECK_EVERY`` steps: a Python
-  attribute test, no host synchronisation) raises :class:`RelaxationInterrupted`; the checkpoint then holds the
-  state after the last completed batch (the interrupted batch is redone on resume).
+- in a single process, inside a relaxation, :func:`check_interrupt` (called by ``relax`` every ``CHECK_EVERY``
+  steps: a Python attribute test, no host synchronisation) raises :class:`RelaxationInterrupted`; the checkpoint
+  then holds the state after the last completed batch (the interrupted batch is redone on resume).
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class _StopRequest:
-    """The signal received, if any (set by the handler, read by the training loop and the relaxation)."""
+    """The signal received, if any (set by the handler, read at batch ends), and whether relaxations should stop
+    too: only in a single process, because under DDP a rank leaving mid-step would leave the others waiting in a
+    collective (there the ranks agree at the next batch end instead)."""
 
     signum: int | None = None
+    relaxations: bool = False
 
 
 STOP = _StopRequest()
@@ -73,15 +76,20 @@ class RelaxationInterrupted(Interrupted):
 
 def check_interrupt(step: int) -> None:
     """Raise :class:`RelaxationInterrupted` if a stop signal arrived (called by ``relax`` every CHECK_EVERY steps)."""
-    if STOP.signum is not None:
+    if STOP.relaxations and STOP.signum is not None:
         raise RelaxationInterrupted(STOP.signum, step)
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
-    """Where ``--ckpt_path last`` looks: the ModelCheckpoint's ``last.ckpt`` (else default_root_dir/last.ckpt)."""
+    """Where ``--ckpt_path last`` looks: the ModelCheckpoint's ``last.ckpt`` (else default_root_dir/last.ckpt).
+
+    The ModelCheckpoint is told that this file is its last checkpoint (its ``last_model_path`` is saved in the
+    checkpoint), so the continued run overwrites it instead of writing ``last-v1.ckpt`` next to it."""
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            callback.last_model_path = str(path)
+            return path
     return Path(trainer.default_root_dir) / "last.ckpt"
 
 
@@ -100,6 +108,7 @@ class GracefulInterrupt(L.Callback):
             return
         STOP.signum = signum
         trainer = self._trainer
+        STOP.relaxations = trainer is None or trainer.world_size == 1
         launcher = trainer.strategy.launcher if trainer is not None else None
         if isinstance(launcher, _SubprocessScriptLauncher) and trainer.is_global_zero:
             launcher.kill(signum)  # the other ranks' processes stop their relaxations too
@@ -116,7 +125,7 @@ class GracefulInterrupt(L.Callback):
                 signal.signal(signum, self._handler)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        STOP.signum = None
+        STOP.signum, STOP.relaxations = None, False
         self._install(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -145,7 +154,7 @@ class GracefulInterrupt(L.Callback):
         if not stop:
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         raise TrainingInterrupted(STOP.signum or signal.SIGTERM, str(path), trainer.current_epoch, trainer.global_step)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -157,7 +166,7 @@ class GracefulInterrupt(L.Callback):
         if trainer.is_global_zero:
             path = last_checkpoint_path(trainer)
             try:
-                checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
                 trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
                 exception.checkpoint = str(path)
             except Exception:  # noqa: BLE001 - reported as "no checkpoint written"

@@ -90,6 +90,9 @@ class EpochLines(ProgressBar):
     def enable(self) -> None:
         self._enabled = True
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.monotonic()  # a run resumed mid-epoch starts without on_train_epoch_start
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flush(trainer)
         self._epoch_start = time.monotonic()
