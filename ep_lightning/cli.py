@@ -138,6 +138,7 @@ class EPLightningCLI(LightningCLI):
         foreign checkpoint, before LightningCLI applies the checkpoint's hyperparameters to the config."""
         config = self._subconfig()
         self._name_run_after_config(config)
+        self._check_config(config)
         ckpt_path = config.get("ckpt_path")
         subcommand = self.config.get("subcommand")
         if subcommand == "fit" and ckpt_path == "last":
@@ -159,6 +160,16 @@ class EPLightningCLI(LightningCLI):
                 ) from None
             check_checkpoint_matches(str(path), checkpoint, checkpoint_signature(_as_dict(config.get("model"))))
         super()._parse_ckpt_path()
+
+    def _check_config(self, config: Any) -> None:
+        """Checks that need no built object (run right after parsing, before seeding or any output)."""
+        check_trainer_settings(_as_dict(config.get("trainer")) or {})
+        check_relaxation_steps(_as_dict(config.get("model")) or {})
+        init_args, _ = self._logger_settings(config)
+        if init_args is not None and init_args.get("save_dir") is not None:
+            save_dir = Path(init_args.get("save_dir"))
+            _check_writable(save_dir, "trainer.logger.init_args.save_dir")
+            _RunFolder.remember(save_dir / str(init_args.get("name") or ""))
 
     def _logger_settings(self, config: Any) -> tuple[Any, Any]:
         """(logger init_args namespace, class path) of a single configured logger, else (None, None)."""
@@ -211,13 +222,6 @@ class EPLightningCLI(LightningCLI):
         configure_threads(config.get("threads"))
         if config.get("malloc_tuning", True):
             tune_allocator()
-        check_trainer_settings(_as_dict(config.get("trainer")) or {})
-        check_relaxation_steps(_as_dict(config.get("model")) or {})
-        init_args, class_path = self._logger_settings(config)
-        if init_args is not None and init_args.get("save_dir") is not None:
-            save_dir = Path(init_args.get("save_dir"))
-            _check_writable(save_dir, "trainer.logger.init_args.save_dir")
-            _RunFolder.remember(save_dir / str(init_args.get("name") or ""))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer with this project's progress display and model summary, the stop-signal handler and the
