@@ -164,7 +164,7 @@ def checkpoint_signature(model_config: dict[str, Any] | None) -> dict[str, Any]:
     if not model_config:
         return {}
     init_args = model_config.get("init_args") or {}
-    signature: dict[str, Any] = {"model class": model_config.get("class_path")}
+    signature: dict[str, Any] = {"module class": model_config.get("class_path")}
     if "algorithm" in init_args:
         signature["algorithm"] = init_args["algorithm"]
     for key, value in sorted(init_args.items()):
@@ -182,13 +182,14 @@ def check_checkpoint_matches(path: str, checkpoint: dict[str, Any], expected: di
     saved = checkpoint.get("ep_lightning_signature")
     if saved is None:
         hparams = checkpoint.get("hyper_parameters") or {}
-        saved = {"model class": hparams.get("_class_path")}
+        saved = {"module class": hparams.get("_class_path")}
         if "algorithm" in hparams:
             saved["algorithm"] = hparams["algorithm"]
         expected = {k: v for k, v in expected.items() if k in saved and saved[k] is not None}
     keys = [k for k in dict.fromkeys([*saved, *expected]) if _normal(saved.get(k)) != _normal(expected.get(k))]
     if keys:
-        diffs = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, config {expected.get(k)!r}" for k in keys)
+        show = lambda value: "unset" if value is None else repr(value)  # noqa: E731
+        diffs = "; ".join(f"{k}: checkpoint {show(saved.get(k))}, config {show(expected.get(k))}" for k in keys)
         raise ConfigError(
             f"checkpoint {path} was written for another model ({diffs}); use the config it was trained with "
             f"(its run folder holds config.yaml)"

@@ -276,7 +276,7 @@ def test_relaxation_stops_on_a_signal_within_a_few_steps() -> None:
 # --- checkpoints -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "config, fields",
-    [("eb1h_ep", ["model class", "model.activation"]), ("p2h_ep", ["model.layers"])],
+    [("eb1h_ep", ["model class", "model.eps"]), ("p2h_ep", ["model.layers"])],
 )
 def test_checkpoint_of_another_model_is_refused(
     config: str, fields: list[str], reference_run: tuple[Path, Run], tmp_path: Path
