@@ -79,12 +79,13 @@ class _RunFolder:
     """The logger folder of this run, to remove it again if the run fails before writing a checkpoint."""
 
     root: Path | None = None
-    existing: set[str] = set()
+    existing: frozenset[str] = frozenset()
+    root_existed = False
 
     @classmethod
     def remember(cls, root: Path) -> None:
         cls.root = root
-        cls.existing = {p.name for p in root.iterdir()} if root.is_dir() else set()
+        cls.existing = frozenset(p.name for p in root.iterdir()) if root.is_dir() else frozenset()
         cls.root_existed = root.is_dir()
 
     @classmethod
@@ -141,9 +142,10 @@ class EPLightningCLI(LightningCLI):
         self._check_config(config)
         ckpt_path = config.get("ckpt_path")
         subcommand = self.config.get("subcommand")
-        if subcommand == "fit" and ckpt_path == "last":
+        init_args, _ = self._logger_settings(config)
+        if subcommand == "fit" and ckpt_path == "last" and init_args is not None and init_args.get("save_dir"):
             config.ckpt_path = str(self._latest_run_checkpoint(config))
-            ckpt_path = config.ckpt_path
+            ckpt_path = config.ckpt_path  # (without a logger, Lightning's own lookup in default_root_dir applies)
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             path = Path(ckpt_path)
             if not path.is_file():
@@ -153,7 +155,7 @@ class EPLightningCLI(LightningCLI):
                 )
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - any failure to unpickle means an unusable file
                 raise ConfigError(
                     f"ckpt_path={ckpt_path!r} is truncated or not a checkpoint ({type(err).__name__}); use another "
                     f"file, e.g. an earlier checkpoint of the same run"
@@ -195,11 +197,6 @@ class EPLightningCLI(LightningCLI):
         """``<save_dir>/<name>/version_<N>/checkpoints/last.ckpt`` of the highest N that has one; the logger is
         pointed at that version, so the continued run writes into the same folder."""
         init_args, _ = self._logger_settings(config)
-        if init_args is None or init_args.get("save_dir") is None:
-            raise ConfigError(
-                "ckpt_path='last' needs a TensorBoardLogger with save_dir and name (configs/defaults.yaml) to find "
-                "the previous run; give the checkpoint file instead: --ckpt_path runs/<name>/version_<N>/checkpoints/…"
-            )
         root = Path(init_args.get("save_dir")) / str(init_args.get("name") or "")
         runs = []
         for folder in root.glob("version_*"):

@@ -188,7 +188,7 @@ def check_checkpoint_matches(path: str, checkpoint: dict[str, Any], expected: di
         expected = {k: v for k, v in expected.items() if k in saved and saved[k] is not None}
     keys = [k for k in dict.fromkeys([*saved, *expected]) if _normal(saved.get(k)) != _normal(expected.get(k))]
     if keys:
-        show = lambda value: "unset" if value is None else repr(value)  # noqa: E731
+        show = lambda value: "unset" if value is None else repr(value)
         diffs = "; ".join(f"{k}: checkpoint {show(saved.get(k))}, config {show(expected.get(k))}" for k in keys)
         raise ConfigError(
             f"checkpoint {path} was written for another model ({diffs}); use the config it was trained with "

@@ -378,8 +378,8 @@ def test_output_is_short_and_clean_when_redirected(reference_run: tuple[Path, Ru
     no hp_metric placeholder; one line per epoch and a test summary; a small log."""
     checkpoint, run = reference_run
     text = run.stdout + run.stderr
-    assert re.search(r"^test accuracy \d+\.\d\d % \(error \d+\.\d\d %\)$", run.stdout, re.M), run.stdout[-2000:]
-    assert re.search(r"^epoch 0: train/acc \d+\.\d\d %, train/loss ", run.stdout, re.M), run.stdout[-2000:]
+    assert re.search(r"^test accuracy \d+\.\d\d % \(error \d+\.\d\d %\)$", run.stdout, re.MULTILINE), run.stdout[-2000:]
+    assert re.search(r"^epoch 0: train/acc \d+\.\d\d %, train/loss ", run.stdout, re.MULTILINE), run.stdout[-2000:]
     for noise in ("litlogger", "LeafSpec", "Total length of `list`", "FLOPs", "Flops", "it/s]"):
         assert noise not in text, noise
     assert len(text.encode()) < 20_000, f"{len(text.encode())} bytes of output for one short epoch"
