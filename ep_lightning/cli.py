@@ -80,25 +80,31 @@ class _RunFolder:
 
     root: Path | None = None
     existing: frozenset[str] = frozenset()
-    root_existed = False
+
+    created: tuple[Path, ...] = ()
 
     @classmethod
     def remember(cls, root: Path) -> None:
         cls.root = root
+        cls.created = tuple(p for p in (root, root.parent) if not p.exists())  # to remove again if left empty
         cls.existing = frozenset(p.name for p in root.iterdir()) if root.is_dir() else frozenset()
-        cls.root_existed = root.is_dir()
+
+    logger: Any = None
 
     @classmethod
     def remove_empty_new(cls) -> None:
-        """Delete version folders created by this process that hold no checkpoint (a failed start)."""
-        root = cls.root
-        if root is None or not root.is_dir() or not _is_rank_zero():
-            return
-        for folder in root.iterdir():
-            if folder.name not in cls.existing and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+        """Delete this run's version folder if this process created it and it holds no checkpoint (a failed start);
+        other folders (e.g. of a run of the same config started meanwhile) are left alone."""
+        root, logger = cls.root, cls.logger
+        if root is None or logger is None or getattr(logger, "_version", None) is None or not _is_rank_zero():
+            return  # the logger never chose its version: it created no folder
+        folder = Path(logger.log_dir)
+        if folder.parent == root and folder.name not in cls.existing and folder.is_dir():
+            if not any(folder.rglob("*.ckpt")):
                 shutil.rmtree(folder, ignore_errors=True)
-        if not cls.root_existed and not any(root.iterdir()):
-            root.rmdir()
+        for path in cls.created:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
 
 
 class EPLightningCLI(LightningCLI):
@@ -224,6 +230,7 @@ class EPLightningCLI(LightningCLI):
         """The trainer with this project's progress display and model summary, the stop-signal handler and the
         checkpoint signature (see module docstring)."""
         trainer = super().instantiate_trainer(**kwargs)
+        _RunFolder.logger = trainer.logger
         callbacks = trainer.callbacks
         for i, callback in enumerate(callbacks):
             if type(callback) is TQDMProgressBar:
@@ -252,17 +259,21 @@ class EPLightningCLI(LightningCLI):
 
 
 def _check_writable(folder: Path, field: str) -> None:
-    """ConfigError naming ``field`` unless ``folder`` exists (or can be created) and is writable."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test_{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
+    """ConfigError naming ``field`` unless ``folder`` is, or can be created as, a writable folder (nothing is
+    created here: a run that fails to start leaves no folder behind)."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"no permission to write in {existing}"
+    if problem is not None:
         raise ConfigError(
-            f"{field}={str(folder)!r} is not writable ({err.strerror or type(err).__name__}); point it at a folder "
-            f"you can write, e.g. --{field} /tmp/runs"
-        ) from None
+            f"{field}={str(folder)!r} is not writable ({problem}); point it at a folder you can write, "
+            f"e.g. --{field} /tmp/runs"
+        )
 
 
 class _DropAdvertisement(logging.Filter):
