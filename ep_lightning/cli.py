@@ -84,6 +84,10 @@ class _RunFolder:
     created: tuple[Path, ...] = ()
 
     @classmethod
+    def reset(cls) -> None:
+        cls.root, cls.logger, cls.existing, cls.created = None, None, frozenset(), ()
+
+    @classmethod
     def remember(cls, root: Path) -> None:
         cls.root = root
         cls.created = tuple(p for p in (root, root.parent) if not p.exists())  # to remove again if left empty
@@ -99,9 +103,9 @@ class _RunFolder:
         if root is None or logger is None or getattr(logger, "_version", None) is None or not _is_rank_zero():
             return  # the logger never chose its version: it created no folder
         folder = Path(logger.log_dir)
-        if folder.parent == root and folder.name not in cls.existing and folder.is_dir():
-            if not any(folder.rglob("*.ckpt")):
-                shutil.rmtree(folder, ignore_errors=True)
+        new = folder.parent == root and folder.name not in cls.existing and folder.is_dir()
+        if new and not any(folder.rglob("*.ckpt")):
+            shutil.rmtree(folder, ignore_errors=True)
         for path in cls.created:
             if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
@@ -288,7 +292,9 @@ def quiet_lightning() -> None:
     warning that Lightning's own pytree helper triggers with recent torch, and the empty-validation notice (a run
     without a validation split returns no validation loader on purpose)."""
     for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropAdvertisement())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdvertisement) for f in logger.filters):
+            logger.addFilter(_DropAdvertisement())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     # the systems log epoch means that they already summed over ranks themselves (metrics.EpochMeans)
@@ -304,6 +310,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
     ``EP_LIGHTNING_TRACEBACK=1`` to see the full traceback.
     """
     quiet_lightning()
+    _RunFolder.reset()
     argv = sys.argv[1:] if args is None else list(args)
     problem = config_file_errors(argv, [DEFAULTS])
     if problem is not None:
