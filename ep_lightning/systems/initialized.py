@@ -42,13 +42,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ep_lightning.algorithms import ep_surrogate
 from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
+from ep_lightning.config_checks import check_module_fits_datamodule
 from ep_lightning.dynamics import RelaxationTrace, relax
 from ep_lightning.metrics import EpochMeans
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.initializer import FeedforwardInitializer, layer_contrast_losses
 from ep_lightning.random_sign import SignGenerator, run_seed
 from ep_lightning.systems.equilibrium import sgd
-from ep_lightning.config_checks import check_module_fits_datamodule
 
 #: Checkpoint key of the β-sign generator state (restored on resume so the sign sequence continues exactly).
 SIGN_GENERATOR_KEY = "iep_beta_sign_generator"
