@@ -327,7 +327,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
             subclass_mode_data=True,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={name: dict(defaults) for name in subcommands},
+            # with subcommands each subcommand's parser reads the defaults; without (run=False) the main parser
+            parser_kwargs={name: dict(defaults) for name in subcommands} if run else dict(defaults),
             args=args,
             run=run,
             auto_configure_optimizers=False,
