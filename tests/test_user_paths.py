@@ -7,14 +7,17 @@ collectives out of step, an ignored SIGTERM) fails the test instead of stalling 
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import os
 import pty
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -92,6 +95,7 @@ def train(args: list[str], cwd: Path, timeout: float = 240) -> Run:
 def train_in_terminal(args: list[str], cwd: Path, timeout: float = 240) -> Run:
     """Like :func:`train`, but stdout and stderr are a pseudo-terminal, so the tqdm progress bar is on."""
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))  # a 160-column terminal
     start = time.monotonic()
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=_env(),
@@ -148,6 +152,9 @@ def test_ddp_fit_then_test_with_progress_bar(config: str, tmp_path: Path) -> Non
         tmp_path, timeout=240,
     )
     assert run.returncode == 0, run.stdout[-4000:]
+    assert "Epoch 0: 100%" in run.stdout, "the tqdm bar ran"
+    # the finished epoch's training means reach the bar (they are logged after the bar's own epoch-end hook)
+    assert re.search(r"Epoch 0: 100%.*train/acc=", run.stdout), run.stdout[-2000:]
     assert re.search(r"test accuracy \d+\.\d\d % \(error \d+\.\d\d %\)", run.stdout), run.stdout[-2000:]
     assert (tmp_path / "runs" / config / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
