@@ -48,11 +48,14 @@ class EPProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, but metric reads happen on every rank, and the finished epoch's training means
     (logged in the module's ``on_train_epoch_end``, after this callback's hook) are shown once they exist."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        n = self.train_progress_bar.n + 1 if self.train_progress_bar is not None else 0
-        if self._should_update(n, self.train_progress_bar.total if self.train_progress_bar is not None else 0):
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # the condition of the rank-0 refresh in super(), without its rank-dependent `is_enabled`
+        n, total = batch_idx + 1, trainer.num_training_batches
+        if self.refresh_rate > 0 and (n % self.refresh_rate == 0 or n == total):
             _metrics_everywhere(self, trainer, pl_module)
-        super().on_train_batch_end(trainer, pl_module, *args)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _metrics_everywhere(self, trainer, pl_module)
@@ -108,8 +111,9 @@ class EpochLines(ProgressBar):
         if self._pending is None:
             return
         epoch, self._pending = self._pending, None
+        # read on every rank (no collective is expected here, but if a read ever triggers one, all ranks take part)
+        metrics = {k: v for k, v in epoch_metrics(trainer).items() if k.split("/")[0] in ("train", "val")}
         if self._enabled and trainer.is_global_zero:
-            metrics = {k: v for k, v in epoch_metrics(trainer).items() if k.split("/")[0] in ("train", "val")}
             line = format_metrics(metrics)  # the monitors' panels are in TensorBoard
             print(f"epoch {epoch}: {line} ({self._seconds:.1f} s)", file=sys.stdout, flush=True)
 
