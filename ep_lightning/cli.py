@@ -204,23 +204,24 @@ class EPLightningCLI(LightningCLI):
             init_args.name = Path(str(path)).stem
 
     def _latest_run_checkpoint(self, config: Any) -> Path:
-        """``<save_dir>/<name>/version_<N>/checkpoints/last.ckpt`` of the highest N that has one; the logger is
-        pointed at that version, so the continued run writes into the same folder."""
+        """The newest checkpoint file (as Lightning's own ``last``: by modification time) in
+        ``<save_dir>/<name>/version_<N>/checkpoints/`` of the highest N that has one; the logger is pointed at that
+        version, so the continued run writes into the same folder."""
         init_args, _ = self._logger_settings(config)
         root = Path(init_args.get("save_dir")) / str(init_args.get("name") or "")
         runs = []
         for folder in root.glob("version_*"):
             suffix = folder.name.removeprefix("version_")
-            if suffix.isdigit() and (folder / "checkpoints" / "last.ckpt").is_file():
-                runs.append((int(suffix), folder))
+            files = list((folder / "checkpoints").glob("*.ckpt"))
+            if suffix.isdigit() and files:
+                runs.append((int(suffix), max(files, key=lambda f: (f.stat().st_mtime, f.name == "last.ckpt"))))
         if not runs:
             raise ConfigError(
                 f"ckpt_path='last': no earlier run of this config has a checkpoint ({root}/version_*/checkpoints/"
-                f"last.ckpt); start without --ckpt_path, or give the checkpoint file"
+                f"*.ckpt); start without --ckpt_path, or give the checkpoint file"
             )
-        version, folder = max(runs)
+        version, path = max(runs)
         init_args.version = version
-        path = folder / "checkpoints" / "last.ckpt"
         _say(f"resuming from {path}")
         return path
 

@@ -81,15 +81,16 @@ def check_interrupt(step: int) -> None:
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
-    """Where ``--ckpt_path last`` looks: the ModelCheckpoint's ``last.ckpt`` (else default_root_dir/last.ckpt).
+    """``last.ckpt`` of the ModelCheckpoint that writes one (else of the first; else default_root_dir/last.ckpt),
+    the newest file where ``--ckpt_path last`` looks.
 
     The ModelCheckpoint is told that this file is its last checkpoint (its ``last_model_path`` is saved in the
     checkpoint), so the continued run overwrites it instead of writing ``last-v1.ckpt`` next to it."""
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-            callback.last_model_path = str(path)
-            return path
+    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    for callback in sorted(callbacks, key=lambda c: not c.save_last):  # the one that writes last.ckpt first
+        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        callback.last_model_path = str(path)
+        return path
     return Path(trainer.default_root_dir) / "last.ckpt"
 
 

@@ -304,11 +304,9 @@ def test_shipped_config_checkpoints_during_the_epoch() -> None:
     import yaml
 
     defaults = yaml.safe_load((CONFIGS / "defaults.yaml").read_text())
-    checkpoints = [c for c in defaults["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
-    assert len(checkpoints) == 1
-    args = checkpoints[0]["init_args"]
-    assert args["save_last"] is True
-    assert args.get("train_time_interval") or args.get("every_n_train_steps")
+    checkpoints = [c["init_args"] for c in defaults["trainer"]["callbacks"] if c["class_path"].endswith("Checkpoint")]
+    assert any(args.get("save_last") is True for args in checkpoints), "last.ckpt at epoch ends"
+    assert any(args.get("train_time_interval") or args.get("every_n_train_steps") for args in checkpoints)
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -401,3 +399,26 @@ def test_output_is_short_and_clean_when_redirected(reference_run: tuple[Path, Ru
     assert len(text.encode()) < 20_000, f"{len(text.encode())} bytes of output for one short epoch"
     events = list(checkpoint.parents[1].glob("events.out.tfevents.*"))
     assert events and not any(b"hp_metric" in e.read_bytes() for e in events)
+
+
+def test_fit_ckpt_path_last_after_sigkill_continues_the_latest_run(tmp_path: Path) -> None:
+    """SIGKILL (no handler runs) after the first epoch's checkpoint: ``--ckpt_path last`` names the file it resumes
+    from, continues in the same run folder and finishes the remaining epochs."""
+    args = ["fit", "--config", str(CONFIGS / "mnist/p1h_ep.yaml"), *common(tmp_path, 300),
+            "--trainer.max_epochs", "3", "--test_after_fit", "false"]
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    last = tmp_path / "runs/p1h_ep/version_0/checkpoints/last.ckpt"
+    deadline = time.monotonic() + 180
+    while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _kill_group(process)
+    process.wait()
+    assert last.is_file(), "no checkpoint after the first epoch"
+    epoch = torch.load(last, weights_only=False)["epoch"]
+    assert epoch < 2, "the kill must come before the run ends"
+    resumed = train(args + ["--ckpt_path", "last"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {last}" in resumed.stderr
+    assert run_folders(tmp_path) == [tmp_path / "runs/p1h_ep/version_0"]
+    assert torch.load(last, weights_only=False)["global_step"] == 900
