@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from ep_lightning.config_checks import (
     user_error,
 )
 from ep_lightning.data import MNISTDataModule
+from ep_lightning.interrupt import SIGNALS as STOP_SIGNALS
 from ep_lightning.interrupt import GracefulInterrupt, Interrupted
 from ep_lightning.progress import SummaryWithoutFlops, progress_for_output
 from ep_lightning.runtime import configure_threads, tune_allocator
@@ -319,6 +322,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
         raise SystemExit(2)
     subcommands = ("fit", "validate", "test", "predict", "gdu")
     defaults = {"default_config_files": [str(DEFAULTS)]} if DEFAULTS.is_file() else {}
+    handlers = _signal_handlers()
     try:
         return EPLightningCLI(
             L.LightningModule,
@@ -347,6 +351,17 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
         _RunFolder.remove_empty_new()
         _say(f"error: {cause}")
         raise SystemExit(1 if isinstance(cause, DivergenceError) else 2) from cause
+    finally:  # Lightning restores the handlers it found (the stop handler) when a stage ends; put back the caller's
+        _restore_signal_handlers(handlers)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    return {s: signal.getsignal(s) for s in STOP_SIGNALS} if threading.current_thread() is threading.main_thread() else {}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 __all__ = ["EPLightningCLI", "cli_main", "configure_threads"]
