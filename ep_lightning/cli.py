@@ -67,6 +67,10 @@ def _as_dict(value: Any) -> Any:
     return value.as_dict() if hasattr(value, "as_dict") else value
 
 
+def _is_print_config(arg: str) -> bool:
+    return arg == "--print_config" or arg.startswith("--print_config=")
+
+
 class CheckpointSignature(L.Callback):
     """Writes the run's model class, algorithm and sub-network configuration into every checkpoint, so that a later
     ``--ckpt_path`` with another config is refused by name instead of loading weights into the wrong model."""
@@ -144,6 +148,23 @@ class EPLightningCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "gdu": {"model", "dataloaders", "datamodule"}}
 
     # --- before anything is built ------------------------------------------------------------------------------
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's parsing; for ``--print_config`` the printed config also carries the run name derived from
+        the config file (for runs it is set in ``_parse_ckpt_path``, after parsing)."""
+        argv = sys.argv[1:] if args is None else args
+        if not isinstance(argv, list) or not any(_is_print_config(a) for a in argv):
+            super().parse_arguments(parser, args)
+            return
+        probe = parser.parse_args([a for a in argv if not _is_print_config(a)])
+        config = probe[probe.subcommand] if probe.get("subcommand") else probe
+        self._name_run_after_config(config)
+        init_args, _ = self._logger_settings(config)
+        name = init_args.get("name") if init_args is not None else None
+        if name not in (None, _TB_DEFAULT_NAME):
+            at = next(i for i, a in enumerate(argv) if _is_print_config(a))
+            argv = [*argv[:at], f"--trainer.logger.init_args.name={name}", *argv[at:]]
+        self.config = parser.parse_args(argv)
+
     def _subconfig(self) -> Any:
         return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
 

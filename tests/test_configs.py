@@ -102,8 +102,8 @@ def test_model_configs_hold_only_what_differs_from_the_defaults(config: Path) ->
 
 
 def test_defaults_load_from_any_working_directory(tmp_path: Path) -> None:
-    """`train.py` run from another folder still reads configs/defaults.yaml (found relative to the repository).
-    (The run's name, derived from the config file after parsing, shows in the run's saved config.yaml, not here.)"""
+    """`train.py` run from another folder still reads configs/defaults.yaml (found relative to the repository) and
+    names the run after the config file."""
     import os
     import subprocess
     import sys
@@ -119,5 +119,6 @@ def test_defaults_load_from_any_working_directory(tmp_path: Path) -> None:
     logger = printed["trainer"]["logger"]
     assert logger["class_path"].endswith("TensorBoardLogger")
     assert logger["init_args"]["save_dir"] == "runs" and logger["init_args"]["default_hp_metric"] is False
+    assert logger["init_args"]["name"] == "p1h_ep"
     classes = [c["class_path"] for c in printed["trainer"]["callbacks"]]
     assert "lightning.pytorch.callbacks.ModelCheckpoint" in classes
