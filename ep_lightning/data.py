@@ -11,7 +11,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -138,8 +138,8 @@ class EpochShuffleSampler(Sampler[int]):
     (with a plain RandomSampler it would start a fresh random permutation).
     """
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed = int(n), int(seed)
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle = int(n), int(seed), bool(shuffle)
         self.epoch = 0
         self.start = 0  # samples of the current epoch to skip on the next __iter__ (set by load_state_dict)
 
@@ -148,6 +148,8 @@ class EpochShuffleSampler(Sampler[int]):
             self.epoch, self.start = int(epoch), 0
 
     def permutation(self) -> Tensor:
+        if not self.shuffle:  # the file's order, every epoch
+            return torch.arange(self.n)
         # seed + epoch, as Lightning's DistributedSampler: N processes × batch B/N then see the same global batches
         # as one process with batch B.
         generator = torch.Generator().manual_seed((self.seed + self.epoch) % 2**63)
@@ -222,6 +224,8 @@ class MNISTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         download: bool = False,
         return_index: bool = False,
+        val_split: Literal["random", "last"] = "random",
+        shuffle: bool = True,
     ) -> None:
         """
         Args:
@@ -237,6 +241,10 @@ class MNISTDataModule(L.LightningDataModule):
             device_resident: keep the whole dataset on the training device; batches are sliced there, no copies.
             num_workers: DataLoader workers (0 is fastest for in-memory tensors).
             download: if files are missing, fetch them with torchvision (needs torchvision and network).
+            val_split: which training images form the validation split: ``random`` (drawn with ``split_seed``) or
+                ``last`` (the last ``val_size`` images of the training file: Initialized EP's authors' protocol).
+            shuffle: reshuffle the training set every epoch (default); false keeps the file's order (the Initialized
+                EP authors' protocol).
             return_index: training batches are ``(images, labels, indices)`` with each sample's int64 index in the
                 training set (stable across epochs; needed by ``warm_start``); validation/test/predict batches stay
                 ``(images, labels)``.
@@ -251,6 +259,8 @@ class MNISTDataModule(L.LightningDataModule):
         for field, value in (("train_subset", train_subset), ("test_subset", test_subset)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{field}={value} is invalid: use null (all) or a positive size")
+        if val_split not in ("random", "last"):
+            raise ValueError(f"data.val_split={val_split!r} is not known; allowed: 'random', 'last'")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} is invalid: use 0 or more")
         self.raw_dir = Path(data_dir) / name / "raw"
@@ -280,12 +290,16 @@ class MNISTDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"data.val_size={val} is impossible: the training file holds {n} images; use 0 ≤ val_size < {n}"
                 )
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
+            if self.hparams.get("val_split", "random") == "last":
+                perm = torch.cat((torch.arange(n - val, n), torch.arange(n - val)))
+            else:
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.split_seed))
             train_idx, val_idx = perm[val:].sort().values, perm[:val].sort().values
             train_idx = self._subset(train_idx, self.hparams.train_subset, "train_subset")
             self.train_set = self._make(images[train_idx], labels[train_idx], self.hparams.return_index)
             self.val_set = self._make(images[val_idx], labels[val_idx]) if val > 0 else None
-        if stage in ("test", "predict", None) and self.test_set is None:
+        # `fit` tests the final weights (test_after_fit): verify the test files now, not after the last epoch
+        if stage in ("fit", "test", "predict", None) and self.test_set is None:
             images, labels = self._load("test")
             idx = self._subset(torch.arange(labels.shape[0]), self.hparams.test_subset, "test_subset")
             self.test_set = self._make(images[idx], labels[idx])
@@ -293,13 +307,14 @@ class MNISTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
         trainer = self.trainer
+        shuffle = bool(self.hparams.get("shuffle", True))
         if trainer is not None and trainer.world_size > 1:  # Lightning installs a DistributedSampler (epoch-seeded)
-            return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+            return self._loader(self.train_set, self.hparams.batch_size, shuffle=shuffle)
         on_device = self.train_set.labels.device.type != "cpu"
         return ResumableDataLoader(
             self.train_set,
             batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(self.train_set), shuffle_seed()),
+            sampler=EpochShuffleSampler(len(self.train_set), shuffle_seed(), shuffle),
             collate_fn=keep_batch,
             num_workers=0 if on_device else self.hparams.num_workers,
             persistent_workers=bool(self.hparams.num_workers) and not on_device,
@@ -338,7 +353,8 @@ class MNISTDataModule(L.LightningDataModule):
                 f"expected (N, H, W) images and N labels"
             )
         self.input_shape = (1, *images.shape[1:])
-        self.num_classes = int(labels.max()) + 1 if labels.numel() else None
+        classes = int(labels.max()) + 1 if labels.numel() else None  # over every split loaded so far
+        self.num_classes = max(c for c in (classes, self.num_classes) if c is not None) if classes else self.num_classes
         return images, labels
 
     @staticmethod

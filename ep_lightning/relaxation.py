@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ep_lightning.interrupt import CHECK_EVERY, STOP, check_interrupt
 from ep_lightning.models.base import EnergyModel, State
 
 
@@ -152,10 +153,14 @@ def relax(
     every ``stop.check_every`` steps; ``stop.steps_run`` then holds the number of steps taken.
     Builds an autograd graph only if called with grad enabled and a parameter or input requires grad
     (the BPTT path); the EP phases call it under ``torch.no_grad()``.
+    Every ``interrupt.CHECK_EVERY`` steps it raises ``RelaxationInterrupted`` if SIGTERM/SIGINT arrived, so a
+    relaxation with a very large ``steps`` still stops promptly.
     """
     if stop is not None:
         stop.steps_run, stop.converged, stop.residual = 0, False, float("nan")
     for t in range(1, steps + 1):
+        if t % CHECK_EVERY == 0 and STOP.relaxations:  # SIGTERM/SIGINT: a Python test, no host sync
+            check_interrupt(t)
         new_state = model.step(state, drive, beta, target)
         if trace is not None:
             trace.record(state, new_state)

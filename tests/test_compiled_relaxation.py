@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ep_lightning.config_checks import ConfigError
 from ep_lightning.models import EnergyBasedNet, PrototypicalNet
 from ep_lightning.systems import EquilibriumModule
-from ep_lightning.validation import ConfigError
 
 MODELS = {
     "p2h": lambda: PrototypicalNet([6, 5, 4, 3]),

@@ -88,3 +88,37 @@ def test_trains_two_batches(config: Path, tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
     (results,) = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     assert 0.0 <= results["test/acc"] <= 1.0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_model_configs_hold_only_what_differs_from_the_defaults(config: Path) -> None:
+    """Logger and checkpointing live in configs/defaults.yaml; a model config names neither, and its run is named
+    after the file (runs/<stem>)."""
+    raw = yaml.safe_load(config.read_text())
+    assert set(raw) <= {"model", "data", "trainer"}, sorted(raw)
+    assert "logger" not in raw.get("trainer", {})
+    assert set(raw.get("trainer", {})) <= {"max_epochs", "callbacks"}
+    assert "class_path" not in raw.get("data", {}), "the data module comes from configs/defaults.yaml"
+
+
+def test_defaults_load_from_any_working_directory(tmp_path: Path) -> None:
+    """`train.py` run from another folder still reads configs/defaults.yaml (found relative to the repository) and
+    names the run after the config file."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/mnist/p1h_ep.yaml"),
+         "--print_config"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    logger = printed["trainer"]["logger"]
+    assert logger["class_path"].endswith("TensorBoardLogger")
+    assert logger["init_args"]["save_dir"] == "runs" and logger["init_args"]["default_hp_metric"] is False
+    assert logger["init_args"]["name"] == "p1h_ep"
+    classes = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+    assert "lightning.pytorch.callbacks.ModelCheckpoint" in classes

@@ -380,7 +380,9 @@ def test_module_without_energy_model_is_rejected() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_has_the_monitor_on(path: Path) -> None:
     config = yaml.safe_load(path.read_text())
-    monitors = [c for c in config["trainer"].get("callbacks", []) if c["class_path"].endswith("ConvergenceMonitor")]
+    defaults = yaml.safe_load((path.parents[1] / "defaults.yaml").read_text())  # loaded before every config
+    callbacks = config.get("trainer", {}).get("callbacks", defaults["trainer"]["callbacks"])
+    monitors = [c for c in callbacks if c["class_path"].endswith("ConvergenceMonitor")]
     assert len(monitors) == 1, f"{path.name}: expected one ConvergenceMonitor in trainer.callbacks"
     monitor = ConvergenceMonitor(**monitors[0].get("init_args", {}))
     assert monitor.active

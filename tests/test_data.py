@@ -167,3 +167,42 @@ def test_corrupt_file_through_the_cli_is_one_line(data_dir: Path, capsys: pytest
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
     assert f"checksum mismatch for {path}" in err, err
+
+
+def test_fit_setup_verifies_the_test_files_too(data_dir: Path) -> None:
+    """`fit` tests the final weights: a corrupt test file must fail at setup, before the first training step."""
+    raw = _raw(data_dir) / f"{LABELS}.gz"
+    content = bytearray(gzip.decompress(raw.read_bytes()))
+    content[100] ^= 0x01
+    raw.write_bytes(gzip.compress(bytes(content)))
+    dm = MNISTDataModule(data_dir=str(data_dir))
+    with pytest.raises(DataFileError, match=LABELS):
+        dm.setup("fit")
+
+
+def test_val_split_last_takes_the_last_training_images() -> None:
+    """`val_split: last` (the Initialized EP authors' protocol): validation = the last val_size images of the file,
+    training = the others in file order; compared with the file read directly."""
+    from ep_lightning.data import load_idx
+
+    labels = load_idx(RAW, "train-labels-idx1-ubyte", verify=False).long()
+    dm = MNISTDataModule(data_dir=str(RAW.parents[1]), val_size=10_000, val_split="last")
+    dm.setup("fit")
+    assert torch.equal(dm.val_set.labels, labels[50_000:])
+    assert torch.equal(dm.train_set.labels, labels[:50_000])
+
+
+def test_shuffle_false_keeps_the_file_order() -> None:
+    dm = MNISTDataModule(data_dir=str(RAW.parents[1]), train_subset=100, batch_size=10, shuffle=False)
+    dm.setup("fit")
+    for _ in range(2):  # every epoch
+        order = torch.cat([batch[1] for batch in dm.train_dataloader()])
+        assert torch.equal(order, dm.train_set.labels)
+    shuffled = MNISTDataModule(data_dir=str(RAW.parents[1]), train_subset=100, batch_size=10)
+    shuffled.setup("fit")
+    assert not torch.equal(torch.cat([b[1] for b in shuffled.train_dataloader()]), shuffled.train_set.labels)
+
+
+def test_unknown_val_split_is_rejected() -> None:
+    with pytest.raises(ValueError, match="data.val_split='first'"):
+        MNISTDataModule(val_split="first")

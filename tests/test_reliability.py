@@ -22,11 +22,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ep_lightning.callbacks.divergence import DivergenceError, DivergenceGuard
 from ep_lightning.cli import cli_main
+from ep_lightning.config_checks import ConfigError, _raised_in_package, check_model_fits_data, user_error
 from ep_lightning.data import MNISTDataModule
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, PrototypicalNet
 from ep_lightning.models.activations import ACTIVATIONS
 from ep_lightning.systems import EquilibriumModule
-from ep_lightning.validation import ConfigError, _raised_in_package, check_model_fits_data, user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = str(ROOT / "data")

@@ -29,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
 from ep_lightning.compile import CompiledPhases
+from ep_lightning.config_checks import check_module_fits_datamodule
 from ep_lightning.estimators import NudgingPair, bptt_loss, ep_surrogate
 from ep_lightning.metrics import EpochMeans
 from ep_lightning.models.base import EnergyModel, State
@@ -36,7 +37,6 @@ from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.random_sign import SignGenerator, run_seed
 from ep_lightning.relaxation import RelaxationTrace, StoppingRule, relax
 from ep_lightning.resume import catch_up_epoch_schedulers
-from ep_lightning.validation import check_module_fits_datamodule
 
 Nudging = Literal["one_sided", "symmetric", "random_sign"]
 NUDGINGS: tuple[str, ...] = ("one_sided", "symmetric", "random_sign")

@@ -1,0 +1,233 @@
+"""Start-up checks that reject a wrong configuration before any training step, and the CLI's clean error report.
+
+Every check raises :class:`ConfigError` (a ``ValueError``) with one message naming the field, the value and what is
+allowed. :func:`user_error` finds such an error inside the exception chain that LightningCLI/jsonargparse wrap
+around it, so ``train.py`` can print one line instead of a 40-line traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+#: Folder of this package: a ValueError raised by code in here is a message written for the user.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or does not fit the data; the message names the field, value and fix."""
+
+
+def model_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """Per-sample input shape the network expects: ``(n_in,)`` for layered nets (any input flattened to n_in values),
+    ``(C, H, W)`` for convolutional ones; ``None`` when the model does not say."""
+    if hasattr(model, "input_channels") and hasattr(model, "input_size"):
+        return (int(model.input_channels), int(model.input_size), int(model.input_size))
+    layers = getattr(model, "layers", None)
+    if layers:
+        return (int(layers[0]),)
+    return None
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 0
+
+
+def check_model_fits_data(model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Raise a ConfigError if the network's input size or output size does not match the data.
+
+    Layered nets flatten the image, so their first layer must have C·H·W units; conv nets need (C, H, W) exactly;
+    the output layer needs one unit per class.
+    """
+    expected = model_input_shape(model)
+    data_desc = "×".join(map(str, input_shape)) + f" = {_prod(tuple(input_shape))} values"
+    name = type(model).__name__
+    if expected is not None:
+        if len(expected) == 1 and expected[0] != _prod(tuple(input_shape)):
+            raise ConfigError(
+                f"{name} layers[0]={expected[0]} (model.init_args.net.init_args.layers) does not match the data: "
+                f"each image is {data_desc}; the input layer must have {_prod(tuple(input_shape))} units"
+            )
+        if len(expected) == 3 and tuple(expected) != tuple(input_shape):
+            raise ConfigError(
+                f"{name} expects inputs of input_channels×input_size×input_size = {'×'.join(map(str, expected))} "
+                f"(model.init_args.net.init_args.input_channels / input_size) but each image is {data_desc}; "
+                f"set input_channels={input_shape[0]} and input_size={input_shape[-1]}"
+            )
+    model_classes = getattr(model, "num_classes", None)
+    if model_classes is not None and int(model_classes) != int(num_classes):
+        field = "num_classes" if hasattr(model, "input_channels") else "layers[-1]"
+        raise ConfigError(
+            f"{name} {field}={model_classes} (the output layer) does not match the data, which has {num_classes} "
+            f"classes (labels 0…{num_classes - 1}); the output layer must have {num_classes} units"
+        )
+
+
+def check_module_fits_datamodule(module: Any) -> None:
+    """Lightning ``setup`` helper: compare ``module.net`` with ``trainer.datamodule.input_shape``/``num_classes``.
+
+    Does nothing without a trainer, a datamodule or those attributes (e.g. plain dataloaders passed to ``fit``).
+    """
+    trainer = getattr(module, "_trainer", None)
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    input_shape = getattr(datamodule, "input_shape", None)
+    num_classes = getattr(datamodule, "num_classes", None)
+    if input_shape is None or num_classes is None:
+        return
+    check_model_fits_data(module.net, tuple(input_shape), int(num_classes))
+
+
+def _raised_in_package(err: BaseException) -> bool:
+    """True if the innermost frame of ``err``'s traceback lies in ep_lightning (our own message, not torch's)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    try:
+        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The exception in ``err``'s chain (``__cause__``/``__context__``) that was written for the user, if any.
+
+    That is a :class:`ConfigError`, a data-file error, a divergence error, or a ``ValueError`` raised directly by
+    ep_lightning code (the checks in ``__init__`` methods). Errors from deep inside torch or Lightning are not
+    (their traceback is what a developer needs), so this returns ``None`` for them.
+    """
+    from ep_lightning.callbacks.divergence import DivergenceError  # here: avoids an import cycle
+    from ep_lightning.data import DataFileError
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConfigError, DataFileError, DivergenceError)):
+            return current
+        if type(current) is ValueError and _raised_in_package(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+# --- command-line level checks (ep_lightning.cli) ---------------------------------------------------------------
+#: Largest number of relaxation steps accepted for T, K, eval_steps, … (the papers use at most 500): time and the
+#: monitors' traces grow linearly with the steps, and a mistyped value would otherwise run for days.
+MAX_RELAXATION_STEPS = 10_000
+_STEP_FIELDS = ("T", "K", "eval_steps", "bptt_steps", "T_minus", "T_plus")
+
+
+def check_relaxation_steps(model_config: dict[str, Any]) -> None:
+    """ConfigError if a relaxation-step count of the model exceeds :data:`MAX_RELAXATION_STEPS`."""
+    init_args = model_config.get("init_args") or {}
+    for field in _STEP_FIELDS:
+        value = init_args.get(field)
+        if isinstance(value, int) and value > MAX_RELAXATION_STEPS:
+            raise ConfigError(
+                f"model.init_args.{field}={value} exceeds {MAX_RELAXATION_STEPS} relaxation steps (the papers use at "
+                f"most 500; time and monitor memory grow with the steps); use a value ≤ {MAX_RELAXATION_STEPS}"
+            )
+
+
+def check_trainer_settings(trainer: dict[str, Any]) -> None:
+    """ConfigError for trainer values Lightning would reject with a traceback (epochs, accelerator)."""
+    for field in ("max_epochs", "min_epochs"):
+        value = trainer.get(field)
+        if isinstance(value, int) and value < -1:
+            raise ConfigError(
+                f"trainer.{field}={value} is invalid: use a number of epochs ≥ 0 (or -1 for no limit on max_epochs)"
+            )
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str) and accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.accelerator={accelerator!r} but this machine has no usable CUDA GPU; use "
+                f"--trainer.accelerator cpu (or auto)"
+            )
+    if accelerator == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ConfigError("trainer.accelerator='mps' but MPS is not available here; use --trainer.accelerator cpu")
+
+
+def checkpoint_signature(model_config: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint must share with the config that loads it: the LightningModule class, its ``algorithm``,
+    and the class and arguments of every sub-network it is given (``net``/``model``, ``initializer``, …)."""
+    if not model_config:
+        return {}
+    init_args = model_config.get("init_args") or {}
+    signature: dict[str, Any] = {"module class": model_config.get("class_path")}
+    if "algorithm" in init_args:
+        signature["algorithm"] = init_args["algorithm"]
+    for key, value in sorted(init_args.items()):
+        if isinstance(value, dict) and "class_path" in value:
+            signature[f"{key} class"] = value["class_path"]
+            for arg, arg_value in sorted((value.get("init_args") or {}).items()):
+                signature[f"{key}.{arg}"] = arg_value
+    return signature
+
+
+def check_checkpoint_matches(path: str, checkpoint: dict[str, Any], expected: dict[str, Any]) -> None:
+    """ConfigError naming the checkpoint and every differing field if it was written for another model class,
+    algorithm or network. Checkpoints without a signature are compared on the LightningModule's class_path and
+    algorithm (in their hyperparameters)."""
+    saved = checkpoint.get("ep_lightning_signature")
+    if saved is None:
+        hparams = checkpoint.get("hyper_parameters") or {}
+        saved = {"module class": hparams.get("_class_path")}
+        if "algorithm" in hparams:
+            saved["algorithm"] = hparams["algorithm"]
+        expected = {k: v for k, v in expected.items() if k in saved and saved[k] is not None}
+    keys = [k for k in dict.fromkeys([*saved, *expected]) if _normal(saved.get(k)) != _normal(expected.get(k))]
+    if keys:
+        show = lambda value: "unset" if value is None else repr(value)
+        diffs = "; ".join(f"{k}: checkpoint {show(saved.get(k))}, config {show(expected.get(k))}" for k in keys)
+        raise ConfigError(
+            f"checkpoint {path} was written for another model ({diffs}); use the config it was trained with "
+            f"(its run folder holds config.yaml)"
+        )
+
+
+def _normal(value: Any) -> Any:
+    """Compare lists/tuples and ints/floats by value (YAML may give 1 where the checkpoint holds 1.0)."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def config_file_errors(argv: list[str], defaults: list[Path]) -> str | None:
+    """One line for the first config file (``--config X`` in ``argv``, or a default file) that is missing or not
+    valid YAML, naming the file, the line and column; None if all parse."""
+    import yaml
+
+    files = [p for p in defaults if p.is_file()]
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(Path(argv[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(Path(arg.split("=", 1)[1]))
+    for path in files:
+        if not path.is_file():
+            return f"config file {path} does not exist; check the path given to --config"
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            return f"config file {path} is not valid YAML{where}: {problem}; fix the file"
+        except OSError as err:
+            return f"config file {path} cannot be read ({err.strerror}); check its permissions"
+    return None

@@ -1,0 +1,145 @@
+"""Progress display that is safe under DDP and short when the output goes to a file.
+
+Lightning's progress bar reads ``trainer.progress_bar_metrics`` on rank 0 only; that read computes every epoch
+metric logged with ``sync_dist=True`` so far, i.e. runs an all-reduce on rank 0 alone. If another rank meanwhile
+enters a different collective (the module's own epoch-end reduction), both wait forever. The bars here read the
+metrics at the same hooks on every rank, so every collective such a read triggers runs on all ranks in the same
+order; only rank 0 displays them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar, get_standard_metrics
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+log = logging.getLogger("lightning.pytorch.callbacks.model_summary")  # Lightning shows its INFO lines
+
+
+def _metrics_everywhere(bar: ProgressBar, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    """``get_metrics`` called on every rank (collectives symmetric); the result matters on rank 0 only."""
+    return bar.get_metrics(trainer, pl_module)
+
+
+def epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The epoch-level metrics logged so far (``train/*`` of the finished epoch, ``val/*``), without computing
+    anything: read after ``update_train_epoch_metrics`` they are the synchronised values."""
+    logged = dict(trainer.logged_metrics) if trainer.loggers else {}
+    values = {**trainer.progress_bar_metrics, **logged}
+    return {k: float(v) for k, v in values.items() if not k.endswith("_step") and k not in ("epoch", "step")}
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``train/acc 91.20 %`` for accuracies in [0, 1], 4 significant digits otherwise, sorted by name."""
+    parts = []
+    for key in sorted(metrics):
+        value = metrics[key]
+        parts.append(f"{key} {100 * value:.2f} %" if key.endswith("acc") else f"{key} {value:.4g}")
+    return ", ".join(parts)
+
+
+class EPProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, but metric reads happen on every rank, and the finished epoch's training means
+    (logged in the module's ``on_train_epoch_end``, after this callback's hook) are shown once they exist."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # the condition of the rank-0 refresh in super(), without its rank-dependent `is_enabled`
+        n, total = batch_idx + 1, trainer.num_training_batches
+        if self.refresh_rate > 0 and (n % self.refresh_rate == 0 or n == total):
+            _metrics_everywhere(self, trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _metrics_everywhere(self, trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            _metrics_everywhere(self, trainer, pl_module)
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.current_epoch > 0 and not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix({**get_standard_metrics(trainer), **epoch_metrics(trainer)})
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix({**get_standard_metrics(trainer), **epoch_metrics(trainer)})
+        super().on_train_end(trainer, *args)
+
+
+class EpochLines(ProgressBar):
+    """Plain progress for output that is not a terminal: one line per finished epoch (its metrics and duration)
+    instead of a bar redrawn at every batch. Reads only metrics that are already computed (no collective)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._epoch_start = 0.0
+        self._pending: int | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.monotonic()  # a run resumed mid-epoch starts without on_train_epoch_start
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush(trainer)
+        self._epoch_start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = trainer.current_epoch  # metrics of this epoch are complete at the next hook
+        self._seconds = time.monotonic() - self._epoch_start
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush(trainer)
+
+    def _flush(self, trainer: L.Trainer) -> None:
+        if self._pending is None:
+            return
+        epoch, self._pending = self._pending, None
+        # read on every rank (no collective is expected here, but if a read ever triggers one, all ranks take part)
+        metrics = {k: v for k, v in epoch_metrics(trainer).items() if k.split("/")[0] in ("train", "val")}
+        if self._enabled and trainer.is_global_zero:
+            line = format_metrics(metrics)  # the monitors' panels are in TensorBoard
+            print(f"epoch {epoch}: {line} ({self._seconds:.1f} s)", file=sys.stdout, flush=True)
+
+
+def progress_for_output() -> ProgressBar:
+    """A tqdm bar for a terminal, one line per epoch otherwise (a redirected bar writes megabytes of redraws)."""
+    return EPProgressBar() if sys.stdout.isatty() else EpochLines()
+
+
+class SummaryWithoutFlops(ModelSummary):
+    """Lightning's model summary without the FLOPs column: it counts FLOPs of ``forward``, which these systems do
+    not use (the relaxation runs in ``training_step``), so it always reads 0."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *columns
+        )
+        lines = [line for line in table.splitlines() if not line.rstrip().endswith("Total Flops")]
+        log.info("\n" + "\n".join(lines))
