@@ -66,8 +66,10 @@ def step_overrides(config: str, free: int, nudged: int) -> list[str]:
     import yaml
 
     init_args = (yaml.safe_load((ROOT / config).read_text()).get("model") or {}).get("init_args") or {}
-    names = ("T_minus", "T_plus") if "T_minus" in init_args else ("T", "K")
-    return [f"model.init_args.{names[0]}={free}", f"model.init_args.{names[1]}={nudged}"]
+    overrides = [f"model.init_args.T={free}", f"model.init_args.K={nudged}"]
+    if init_args.get("bptt_steps") is not None:  # the BPTT window must fit in the shortened T
+        overrides.append(f"model.init_args.bptt_steps={min(int(init_args['bptt_steps']), free)}")
+    return overrides
 
 
 def cli_args(overrides: list[str]) -> list[str]:

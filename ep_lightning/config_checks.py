@@ -119,7 +119,7 @@ def user_error(err: BaseException) -> BaseException | None:
 #: Largest number of relaxation steps accepted for T, K, eval_steps, … (the papers use at most 500): time and the
 #: monitors' traces grow linearly with the steps, and a mistyped value would otherwise run for days.
 MAX_RELAXATION_STEPS = 10_000
-_STEP_FIELDS = ("T", "K", "eval_steps", "bptt_steps", "T_minus", "T_plus")
+_STEP_FIELDS = ("T", "K", "eval_steps", "bptt_steps")
 
 
 def check_relaxation_steps(model_config: dict[str, Any]) -> None:

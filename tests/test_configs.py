@@ -18,7 +18,7 @@ from ep_lightning.cli import cli_main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "mnist").glob("*.yaml"))
 #: Overrides of the system's relaxation lengths, applied only to keys the config sets (other systems may differ).
-SHORT = {"T": "3", "K": "2", "eval_steps": "3", "T_minus": "3", "T_plus": "2"}
+SHORT = {"T": "3", "K": "2", "eval_steps": "3", "bptt_steps": "2"}
 
 
 def test_configs_exist() -> None:
@@ -36,9 +36,9 @@ def test_print_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     printed = yaml.safe_load(capsys.readouterr().out)
     raw = yaml.safe_load(config.read_text())
     assert printed["model"]["class_path"] == raw["model"]["class_path"]
-    assert printed["model"]["init_args"]["model"]["class_path"] == raw["model"]["init_args"]["model"]["class_path"]
+    assert printed["model"]["init_args"]["net"]["class_path"] == raw["model"]["init_args"]["net"]["class_path"]
     for key, value in raw["model"]["init_args"].items():
-        if key != "model":
+        if key != "net":
             assert _contains(printed["model"]["init_args"][key], value), key
 
 

@@ -47,33 +47,34 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 # --- 1. bad configs: one message naming the field, the value and what is allowed ------------------------------
 BAD_CONFIGS = [
     # (id, config, override args, fragments the message must contain)
-    ("K>T", P1H, ["--model.init_args.K", "50"], ["model.K=50", "model.T=30", "must not exceed"]),
+    ("bptt_steps>T", P1H, ["--model.init_args.algorithm", "bptt", "--model.init_args.bptt_steps", "50"],
+     ["model.bptt_steps=50", "model.T=30"]),
     ("T=0", P1H, ["--model.init_args.T", "0", "--model.init_args.K", "1"], ["model.T=0", "at least 1"]),
     ("beta=0", P1H, ["--model.init_args.beta", "0"], ["model.beta=0.0", "> 0"]),
     ("beta<0", P1H, ["--model.init_args.beta", "-0.1"], ["model.beta=-0.1", "> 0"]),
     ("lrs-length", P1H, ["--model.init_args.lrs", "[0.1]"], ["model.lrs=[0.1]", "2 layer groups", "one learning rate"]),
     ("lrs-negative", P1H, ["--model.init_args.lrs", "[0.1,-0.5]"], ["model.lrs=[0.1, -0.5]", "≥ 0"]),
     ("eval_steps=0", P1H, ["--model.init_args.eval_steps", "0"], ["model.eval_steps=0", "at least 1"]),
-    ("eps=0", EB1H, ["--model.init_args.model.init_args.eps", "0"], ["eps=0.0", "> 0"]),
-    ("eps<0", EB1H, ["--model.init_args.model.init_args.eps", "-0.2"], ["eps=-0.2", "> 0"]),
-    ("dt>1", P1H, ["--model.init_args.model.init_args.dt", "1.5"], ["dt=1.5", "(0, 1]"]),
-    ("layers-short", P1H, ["--model.init_args.model.init_args.layers", "[784]"], ["layers=[784]", "at least [n_in, n_out]"]),
-    ("layers-zero", P1H, ["--model.init_args.model.init_args.layers", "[784,0,10]"], ["layers=[784, 0, 10]", "positive"]),
+    ("eps=0", EB1H, ["--model.init_args.net.init_args.eps", "0"], ["eps=0.0", "> 0"]),
+    ("eps<0", EB1H, ["--model.init_args.net.init_args.eps", "-0.2"], ["eps=-0.2", "> 0"]),
+    ("dt>1", P1H, ["--model.init_args.net.init_args.dt", "1.5"], ["dt=1.5", "(0, 1]"]),
+    ("layers-short", P1H, ["--model.init_args.net.init_args.layers", "[784]"], ["layers=[784]", "at least [n_in, n_out]"]),
+    ("layers-zero", P1H, ["--model.init_args.net.init_args.layers", "[784,0,10]"], ["layers=[784, 0, 10]", "positive"]),
     # jsonargparse rejects values outside a Literal itself, naming the key, the value and the allowed names
-    ("activation", P1H, ["--model.init_args.model.init_args.activation", "relu"],
+    ("activation", P1H, ["--model.init_args.net.init_args.activation", "relu"],
      ["activation", "relu", "'sigmoid', 'hard_sigmoid', 'tanh', 'identity'"]),
     ("algorithm", P1H, ["--model.init_args.algorithm", "hebbian"], ["algorithm", "hebbian", "'ep', 'bptt'"]),
-    ("conv-geometry", PCONV, ["--model.init_args.model.init_args.kernel_size", "7"],
+    ("conv-geometry", PCONV, ["--model.init_args.net.init_args.kernel_size", "7"],
      ["conv geometry does not fit", "kernel_size=7", "input_size=28", "multiple of pool_size=2"]),
-    ("conv-padding", PCONV, ["--model.init_args.model.init_args.padding", "5"], ["padding=5", "padding < kernel_size=5"]),
+    ("conv-padding", PCONV, ["--model.init_args.net.init_args.padding", "5"], ["padding=5", "padding < kernel_size=5"]),
     # checked against the data at fit start (EquilibriumModule.setup), before any training step
-    ("layers-vs-data-input", P1H, ["--model.init_args.model.init_args.layers", "[700,16,10]"],
+    ("layers-vs-data-input", P1H, ["--model.init_args.net.init_args.layers", "[700,16,10]"],
      ["layers[0]=700", "1×28×28 = 784", "784 units"]),
-    ("layers-vs-data-classes", P1H, ["--model.init_args.model.init_args.layers", "[784,16,5]"],
+    ("layers-vs-data-classes", P1H, ["--model.init_args.net.init_args.layers", "[784,16,5]"],
      ["layers[-1]=5", "10 classes", "10 units"]),
-    ("conv-vs-data", PCONV, ["--model.init_args.model.init_args.input_size", "32", "--model.init_args.T", "2",
+    ("conv-vs-data", PCONV, ["--model.init_args.net.init_args.input_size", "32", "--model.init_args.T", "2",
                              "--model.init_args.K", "1"], ["1×32×32", "1×28×28", "input_size=28"]),
-    ("eb-vs-data-classes", EB1H, ["--model.init_args.model.init_args.layers", "[784,16,12]"], ["layers[-1]=12", "10 classes"]),
+    ("eb-vs-data-classes", EB1H, ["--model.init_args.net.init_args.layers", "[784,16,12]"], ["layers[-1]=12", "10 classes"]),
     ("val_size", P1H, ["--data.val_size", "60000"], ["data.val_size=60000", "holds 60000 images", "val_size < 60000"]),
     ("train_subset", P1H, ["--data.train_subset", "0"], ["data.train_subset=0", "positive size"]),
     ("train_subset-too-big", P1H, ["--data.val_size", "59000", "--data.train_subset", "2000"],
@@ -171,7 +172,7 @@ WORDS = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
 #: (applies to, field, strategy of a bad value, message fragment); each mutation breaks exactly one field.
 MUTATIONS = [
     ("all", "T", st.integers(-3, 0), "model.T="),
-    ("all", "K", st.integers(6, 50), "model.K="),
+    ("all", "K", st.integers(-3, 0), "model.K="),
     ("all", "beta", st.floats(max_value=0.0) | st.just(math.nan), "model.beta="),
     ("all", "lrs", st.just("wrong_length"), "model.lrs="),
     ("all", "lrs", st.just("negative"), "model.lrs="),
@@ -200,7 +201,7 @@ def invalid_config(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
         system[field] = value
         system["K"] = 1
     elif field == "K":
-        system["K"] = system["T"] + value
+        system["K"] = value
     elif field == "beta":
         system.update(beta=value, algorithm="ep")
     elif field == "lrs":
@@ -218,7 +219,7 @@ def invalid_config(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
 @given(valid_config())
 def test_random_valid_configs_build_and_relax(config: dict[str, Any]) -> None:
     module = build(config)
-    net = module.model
+    net = module.net
     shape = (net.input_channels, net.input_size, net.input_size) if config["kind"] == "conv" else (net.layers[0],)
     out = net(torch.rand(3, *shape), steps=module.T)
     assert out.shape == (3, net.num_classes) and torch.isfinite(out).all()
@@ -247,7 +248,7 @@ def test_random_invalid_configs_through_the_cli(case: tuple[dict[str, Any], str]
     import json
 
     model = {"class_path": "ep_lightning.systems.EquilibriumModule",
-             "init_args": {**config["system"], "model": {"class_path": f"ep_lightning.models.{cls}",
+             "init_args": {**config["system"], "net": {"class_path": f"ep_lightning.models.{cls}",
                                                          "init_args": config["net"]}}}
     capsys.readouterr()
     status, err = run_cli(["fit", "--model", json.dumps(model), "--trainer.logger", "false",
@@ -272,7 +273,7 @@ def test_model_data_check_directly() -> None:
 
 # --- 2. divergence ----------------------------------------------------------------------------------------------
 class SetWeight(L.Callback):
-    """Write ``value`` into ``model.synapses[1].weight[0, 0]`` at global step ``step``, at batch start (before the
+    """Write ``value`` into ``net.synapses[1].weight[0, 0]`` at global step ``step``, at batch start (before the
     step's check) or at batch end (after the optimizer step, before ModelCheckpoint saves)."""
 
     def __init__(self, step: int, value: float, when: str = "start") -> None:
@@ -280,7 +281,7 @@ class SetWeight(L.Callback):
 
     def _set(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         with torch.no_grad():
-            module.model.synapses[1].weight[0, 0] = self.value
+            module.net.synapses[1].weight[0, 0] = self.value
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         if self.when == "start" and trainer.global_step == self.step:
@@ -302,11 +303,11 @@ class NaNPixel(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx in self.batches:
             batch[0][0, 0, 14, 14] = float("nan")
-            self.weights_before[batch_idx] = {k: v.clone() for k, v in module.model.state_dict().items()}
+            self.weights_before[batch_idx] = {k: v.clone() for k, v in module.net.state_dict().items()}
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, out: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx in self.batches:
-            self.weights_after[batch_idx] = {k: v.clone() for k, v in module.model.state_dict().items()}
+            self.weights_after[batch_idx] = {k: v.clone() for k, v in module.net.state_dict().items()}
 
 
 def small_run(tmp_path: Path, callbacks: list[L.Callback], algorithm: str = "ep", batches: int = 10,
@@ -348,7 +349,7 @@ def test_inf_weight_stops_the_run_and_keeps_the_last_good_checkpoint(when: str, 
     with pytest.raises(DivergenceError) as info:
         trainer.fit(module, data)
     message = str(info.value)
-    assert "model.synapses.1.weight" in message and "Inf" in message, message
+    assert "net.synapses.1.weight" in message and "Inf" in message, message
     assert f"global step {inject_at}" in message, message
     for knob in ("model.beta=0.5", "model.lrs=[0.05, 0.02]", "model.T=4", "model.K=2"):
         assert knob in message, message
@@ -371,7 +372,7 @@ def test_nan_in_states_is_named_by_phase_and_layer(algorithm: str, tmp_path: Pat
     class Keep(L.Callback):
         def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
             nonlocal before
-            before = {k: v.clone() for k, v in module.model.state_dict().items()}
+            before = {k: v.clone() for k, v in module.net.state_dict().items()}
 
     trainer.callbacks.append(Keep())
     with pytest.raises(DivergenceError) as info:
@@ -379,7 +380,7 @@ def test_nan_in_states_is_named_by_phase_and_layer(algorithm: str, tmp_path: Pat
     message = str(info.value)
     assert "phase 'free'" in message and "free layer1: NaN" in message and "batch 3" in message, message
     assert "global step 3" in message, message
-    after = module.model.state_dict()
+    after = module.net.state_dict()
     assert before is not None and all(torch.equal(before[k], after[k]) for k in after), "no update may be applied"
 
 
@@ -420,7 +421,7 @@ def test_skip_mode_still_raises_on_non_finite_weights(tmp_path: Path) -> None:
 
 def test_divergence_through_the_cli_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     status, err = run_cli(["fit", "--config", P1H, *FAST, "--trainer.default_root_dir", str(tmp_path),
-                           "--model.init_args.model.init_args.activation", "identity",
+                           "--model.init_args.net.init_args.activation", "identity",
                            "--model.init_args.lrs", "[50.0,50.0]", "--trainer.limit_train_batches", "2"], capsys)
     assert status == 1 and err.count("error:") == 1 and "Traceback" not in err, err
     assert "training diverged" in err and "model.lrs=[50.0, 50.0]" in err, err
@@ -448,7 +449,7 @@ SMALL_SYSTEMS = {
     "P": (P1H, ["--model.init_args.T", "4", "--model.init_args.K", "2"]),
     "EB": (EB1H, ["--model.init_args.T", "4", "--model.init_args.K", "2"]),
     "IEP": (str(ROOT / "configs" / "mnist" / "iep_1h.yaml"),
-            ["--model.init_args.T_minus", "4", "--model.init_args.T_plus", "2",
+            ["--model.init_args.T", "4", "--model.init_args.K", "2",
              "--model.init_args.initializer.init_args.layers", "[784,16,10]"]),
 }
 
@@ -461,7 +462,7 @@ def test_checkpoint_loads_for_validate_test_predict_on_cpu_even_if_saved_on_gpu(
     common = ["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
               "--trainer.callbacks", "[]", "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last", "true",
               "--data.data_dir", DATA, "--data.val_size", "100", "--data.train_subset", "100", "--data.test_subset", "60",
-              "--model.init_args.model.init_args.layers", "[784,16,10]", *system_args]
+              "--model.init_args.net.init_args.layers", "[784,16,10]", *system_args]
     fit = cli_main(["fit", *common, "--trainer.max_epochs", "1", "--test_after_fit", "false",
                     "--trainer.default_root_dir", str(tmp_path / "fit")])
     trained = {k: v.clone() for k, v in fit.model.state_dict().items()}
@@ -488,5 +489,5 @@ def test_checkpoint_loads_for_validate_test_predict_on_cpu_even_if_saved_on_gpu(
         assert torch.equal(predictions, expected_predictions)
     if net != "IEP":
         network = PrototypicalNet([784, 16, 10]) if net == "P" else EnergyBasedNet([784, 16, 10])
-        module = EquilibriumModule.load_from_checkpoint(gpu_ckpt, model=network)  # Lightning's default: to CPU
+        module = EquilibriumModule.load_from_checkpoint(gpu_ckpt, net=network)  # Lightning's default: to CPU
         assert all(torch.equal(module.state_dict()[k], trained[k]) for k in trained)

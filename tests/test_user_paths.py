@@ -283,7 +283,7 @@ def test_relaxation_stops_on_a_signal_within_a_few_steps() -> None:
 # --- checkpoints -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "config, fields",
-    [("eb1h_ep", ["model class", "model.eps"]), ("p2h_ep", ["model.layers"])],
+    [("eb1h_ep", ["net class", "net.eps"]), ("p2h_ep", ["net.layers"])],
 )
 def test_checkpoint_of_another_model_is_refused(
     config: str, fields: list[str], reference_run: tuple[Path, Run], tmp_path: Path
@@ -358,7 +358,7 @@ ERROR_CASES = {
     ),
     # found after the trainer (and the run folder) exist: the folder must be removed again
     "model does not fit the data": (
-        lambda tmp, ckpt: ["fit", "--model.init_args.model.init_args.layers", "[100, 10, 10]"], "layers[0]=100"
+        lambda tmp, ckpt: ["fit", "--model.init_args.net.init_args.layers", "[100, 10, 10]"], "layers[0]=100"
     ),
 }
 #: Errors found after Lightning printed its start-up lines (seed, devices): the error is the last line.
