@@ -37,6 +37,16 @@ class RelaxingSystem(Protocol):
 
 @runtime_checkable
 class InitializedSystem(RelaxingSystem, Protocol):
-    """A system whose free phase starts from a feedforward initializer's prediction s^f (None: from zero)."""
+    """A system whose free phase starts from a feedforward initializer's prediction s^f (None: from zero).
+
+    ``truncated_free_phase`` is true when T is short on purpose (Initialized EP: a few negative steps from s^f), so
+    that a free phase ending unconverged is expected rather than a sign of too small a T.
+    """
 
     initializer: FeedforwardInitializer | None
+    truncated_free_phase: bool
+
+
+def expects_converged_free_phase(system: RelaxingSystem) -> bool:
+    """False for a system that declares its free phase truncated on purpose (``InitializedSystem``), else True."""
+    return not (isinstance(system, InitializedSystem) and system.truncated_free_phase)

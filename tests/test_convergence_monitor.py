@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import math
 import os
@@ -22,10 +23,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ep_lightning.callbacks import ConvergenceMonitor
 from ep_lightning.callbacks.convergence import saturation_fraction, steps_to_tolerance, unconverged_fraction
+from ep_lightning.models import EnergyBasedNet, FeedforwardInitializer
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.prototypical import PrototypicalNet
+from ep_lightning.protocols import expects_converged_free_phase
 from ep_lightning.relaxation import RelaxationTrace, relax
-from ep_lightning.systems import EquilibriumModule
+from ep_lightning.systems import EquilibriumModule, InitializedEP
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/mnist/*.yaml"))
 
@@ -101,7 +104,7 @@ def loaders(n: int = 24, shape: tuple[int, ...] = (1, 4, 4), n_cls: int = 3, bat
 
 def fit(model: EnergyModel, callbacks: list, tmp_path: Path | None, epochs: int = 1, val: bool = False, **module_kw):
     torch.manual_seed(0)
-    steps = dict(T=module_kw.pop("T", 8), K=module_kw.pop("K", 3))
+    steps = {"T": module_kw.pop("T", 8), "K": module_kw.pop("K", 3)}
     module = EquilibriumModule(model.double(), **steps, beta=0.5, lrs=[0.05, 0.05])
     logger = TensorBoardLogger(str(tmp_path), name="run") if tmp_path is not None else False
     trainer = L.Trainer(
@@ -147,7 +150,7 @@ def test_trace_per_sample_residuals_match_a_direct_loop() -> None:
         for _ in range(5):
             states.append(net.step(states[-1], net.drive(x)))
     expected = torch.stack(
-        [torch.stack([(a - b).norm(dim=1) for a, b in zip(s1, s0)]) for s0, s1 in zip(states, states[1:])]
+        [torch.stack([(a - b).norm(dim=1) for a, b in zip(s1, s0)]) for s0, s1 in itertools.pairwise(states)]
     )
     # Same float64 operations in the same order: agreement to rounding.
     torch.testing.assert_close(trace.sample_residuals, expected, rtol=1e-12, atol=0)
@@ -193,11 +196,17 @@ def test_steps_to_tolerance_on_a_known_contraction_rate(caplog: pytest.LogCaptur
     assert metrics["convergence/free/unconverged_frac"] == pytest.approx(0.3)
     assert "saturation/free/layer1" not in metrics  # identity: σ has no bounds
     with caplog.at_level(logging.WARNING, logger="ep_lightning.callbacks.convergence"):
-        monitor._warn_if_unconverged(snap, "test batch")
+        monitor._warn_if_unconverged(snap, "test batch", module)
     assert "30% of the test batch" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ep_lightning.callbacks.convergence"):
-        ConvergenceMonitor(tolerance=tol, warn_unconverged=0.5)._warn_if_unconverged(snap, "test batch")
+        ConvergenceMonitor(tolerance=tol, warn_unconverged=0.5)._warn_if_unconverged(snap, "test batch", module)
+    assert caplog.text == ""
+    # The same unconverged batch from a system whose free phase is truncated on purpose (Initialized EP): no warning.
+    iep = InitializedEP(EnergyBasedNet([4, 6, 3]), FeedforwardInitializer([4, 6, 3]), T=T, K=2, lrs=[0.1, 0.1])
+    assert expects_converged_free_phase(module) and not expects_converged_free_phase(iep)
+    with caplog.at_level(logging.WARNING, logger="ep_lightning.callbacks.convergence"):
+        monitor._warn_if_unconverged(snap, "test batch", iep)
     assert caplog.text == ""
 
 
@@ -331,7 +340,7 @@ def test_conv_model_logs_feature_maps(tmp_path: Path) -> None:
 
 # --- cost -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "kwargs", [dict(enabled=False), dict(every_n_steps=0, every_n_epochs=0)], ids=["disabled", "zero-frequencies"]
+    "kwargs", [{"enabled": False}, {"every_n_steps": 0, "every_n_epochs": 0}], ids=["disabled", "zero-frequencies"]
 )
 def test_disabled_monitor_adds_no_relaxation(tmp_path: Path, kwargs: dict) -> None:
     _, baseline = fit(CountingNet([16, 8, 3]), [], None)
@@ -390,9 +399,8 @@ def test_every_config_has_the_monitor_on(path: Path) -> None:
 
 def test_every_system_declares_what_the_monitors_read() -> None:
     """The callbacks read systems through ``ep_lightning.protocols``; every system satisfies it."""
-    from ep_lightning.models import EnergyBasedNet, FeedforwardInitializer
     from ep_lightning.protocols import InitializedSystem, RelaxingSystem
-    from ep_lightning.systems import InitializedEP, InitializerDistillation
+    from ep_lightning.systems import InitializerDistillation
 
     net = lambda: EnergyBasedNet([784, 20, 10], activation="hard_sigmoid", eps=0.5, cost_scale=1.0)
     ep = EquilibriumModule(PrototypicalNet([16, 8, 3]), T=4, K=2)

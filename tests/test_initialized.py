@@ -7,9 +7,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 
+from ep_lightning.callbacks import ConvergenceMonitor, DivergenceGuard, InitializationMonitor
 from ep_lightning.data import MNISTDataModule
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, FeedforwardInitializer, PrototypicalNet
 from ep_lightning.models.initializer import leaky_hard_sigmoid_derivative
@@ -99,8 +102,8 @@ def test_initializer_is_xavier_uniform_with_zero_bias() -> None:
 @pytest.mark.parametrize("beta", [0.4, -0.4])
 def test_one_backward_gives_the_ep_update_and_the_initializer_update(beta: float) -> None:
     """The gradient of (EP surrogate + contrast loss) is, on θ, (1/β)∇θ mean[E(s⁺) − E(s⁻)] (either sign of β) and,
-    on φ, the gradient of the contrast loss alone; the phases follow E^λ = E + (λ/2)‖s − s^f‖² written out with
-    autograd (independent of the model's closed-form step)."""
+    on φ, the gradient of the contrast loss alone; the phases follow E^λ = E + (λ/2)‖s − s^f‖² + βC by autograd
+    (``tests/reference.py``, independent of the model's closed-form step)."""
     torch.manual_seed(0)
     module = _iep(hidden=12, dtype=torch.float64, T=6, K=3)
     model, init = module.net, module.initializer
@@ -114,14 +117,12 @@ def test_one_backward_gives_the_ep_update_and_the_initializer_update(beta: float
 
     # Independent phases: s ← clamp(s − ε ∂(E + λ/2‖s − s^f‖² + βC)/∂s, 0, 1), gradients by autograd.
     anchor = tuple(s.detach() for s in init(x))
+    probe = tuple(torch.rand_like(s) for s in anchor)  # the cost the reference differentiates is the paper's ‖s_L − y‖²
+    torch.testing.assert_close(model.cost(probe, target), ((probe[-1] - target) ** 2).sum(dim=1), rtol=1e-12, atol=0)
 
     def run(state, steps, b):
         for _ in range(steps):
-            state = tuple(s.detach().requires_grad_(True) for s in state)
-            total = model.energy(x, state).sum() + 0.1 / 2 * sum(((s - a) ** 2).sum() for s, a in zip(state, anchor))
-            total = total + b * ((state[-1] - target) ** 2).sum()
-            grads = torch.autograd.grad(total, state)
-            state = tuple((s - 0.5 * g).clamp(0, 1).detach() for s, g in zip(state, grads))
+            state = reference.energy_step(model, x, state, beta=b, target=target, anchor=anchor, lam=0.1)
         return state
 
     neg = run(anchor, 6, 0.0)
@@ -136,6 +137,71 @@ def test_one_backward_gives_the_ep_update_and_the_initializer_update(beta: float
     expected = torch.autograd.grad(init.contrast_loss(x, neg), init_params)
     for p, want in zip(init_params, expected):
         torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12)
+
+
+# --- callbacks that come with the system ----------------------------------------------------------------------
+class _Callbacks(Callback):
+    """Records the trainer's callback list at fit start (after ``configure_callbacks`` was merged in)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen = list(trainer.callbacks)
+
+
+def _fit_callbacks(tmp_path: Path, module: L.LightningModule, *configured: Callback) -> list[Callback]:
+    probe = _Callbacks()
+    _trainer(tmp_path, limit_train_batches=1, limit_val_batches=0, callbacks=[probe, *configured]).fit(
+        module, datamodule=_mnist(train=20)
+    )
+    return probe.seen
+
+
+def test_initialization_monitor_comes_with_an_initializer_and_keeps_a_configured_one(tmp_path: Path) -> None:
+    """IEP with an initializer gets one InitializationMonitor (and the default DivergenceGuard) without configuring
+    it; a configured monitor is kept with its settings, not replaced or doubled; plain EP (no initializer) gets none."""
+    seen = _fit_callbacks(tmp_path, _iep(hidden=8, T=2, K=1))
+    monitors = [c for c in seen if isinstance(c, InitializationMonitor)]
+    assert len(monitors) == 1 and monitors[0].every_n_epochs == 1
+    assert monitors[0]._batch is not None  # its hooks ran: it took the first training batch
+    assert sum(isinstance(c, DivergenceGuard) for c in seen) == 1
+    mine = InitializationMonitor(every_n_epochs=3, steps=2)
+    seen = _fit_callbacks(tmp_path, _iep(hidden=8, T=2, K=1), mine)
+    assert [c for c in seen if isinstance(c, InitializationMonitor)] == [mine]
+    seen = _fit_callbacks(tmp_path, _iep(hidden=8, T=2, K=1, initializer=False))
+    assert not any(isinstance(c, InitializationMonitor) for c in seen)
+
+
+def test_distillation_brings_its_initialization_monitor(tmp_path: Path) -> None:
+    net = PrototypicalNet([784, 8, 10], activation="sigmoid")
+    with pytest.warns(UserWarning, match="checkpoint is null"):
+        module = InitializerDistillation(net, T=2, lrs=[0.1, 0.05])
+    seen = _fit_callbacks(tmp_path, module)
+    assert sum(isinstance(c, InitializationMonitor) for c in seen) == 1
+
+
+def test_convergence_monitor_does_not_warn_about_the_truncated_free_phase(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """IEP's T is short on purpose: with the same unconverged free phase (2 steps, tolerance 1e-12) the monitor warns
+    for an EquilibriumModule and stays silent for InitializedEP, with or without initializer; distillation, whose
+    target relaxation is meant to converge, still gets the warning."""
+    def warned(module: L.LightningModule) -> bool:
+        caplog.clear()
+        monitor = ConvergenceMonitor(every_n_steps=1, every_n_epochs=0, tolerance=1e-12, warn_unconverged=0.0,
+                                     histograms=False)
+        with caplog.at_level("WARNING", logger="ep_lightning.callbacks.convergence"):
+            _trainer(tmp_path, limit_train_batches=1, limit_val_batches=0, callbacks=[monitor]).fit(
+                module, datamodule=_mnist(train=20)
+            )
+        return "ended unconverged" in caplog.text
+
+    layers = [784, 8, 10]
+    plain = EquilibriumModule(EnergyBasedNet(layers, activation="hard_sigmoid", eps=0.5), T=2, K=1, lrs=[0.1, 0.05])
+    assert warned(plain)
+    assert not warned(_iep(hidden=8, T=2, K=1))
+    assert not warned(_iep(hidden=8, T=2, K=1, initializer=False))
+    with pytest.warns(UserWarning, match="checkpoint is null"):
+        distill = InitializerDistillation(PrototypicalNet(layers, activation="sigmoid"), T=2, lrs=[0.1, 0.05])
+    assert warned(distill)
 
 
 # --- the random sign of β ---------------------------------------------------------------------------------------

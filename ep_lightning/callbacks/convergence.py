@@ -31,7 +31,9 @@ What is logged (tags; ``{layer}`` is ``net.state_names()``: ``layer1`` … ``out
 Definitions: the residual of sample i at step t is r_t(i) = (Σ_l ‖s^l_t(i) − s^l_{t−1}(i)‖²)^½;
 ``steps_to_tol`` is the first t at which the batch mean of r_t falls under ``tolerance`` (T + 1, resp. K + 1,
 when it never does); ``unconverged_frac`` is the share of samples with r_T(i) ≥ ``tolerance`` at the end of the free
-phase (a warning is logged when it exceeds ``warn_unconverged``: the GDU property needs a converged free phase);
+phase (a warning is logged when it exceeds ``warn_unconverged``: the GDU property needs a converged free phase;
+never for a system that declares its free phase truncated on purpose, e.g. Initialized EP, see
+``ep_lightning.protocols.expects_converged_free_phase``);
 saturation is the share of units within ``saturation_margin`` × (range width) of a bound of σ's range.
 
 Cost: nothing runs when ``enabled`` is false (or both frequencies are 0). Otherwise one extra relaxation of at most
@@ -56,7 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ep_lightning.estimators import ep_surrogate
 from ep_lightning.models.activations import ACTIVATION_BOUNDS
 from ep_lightning.models.base import EnergyModel, State
-from ep_lightning.protocols import RelaxingSystem
+from ep_lightning.protocols import RelaxingSystem, expects_converged_free_phase
 from ep_lightning.relaxation import RelaxationTrace, relax
 
 log = logging.getLogger(__name__)
@@ -154,7 +156,8 @@ class ConvergenceMonitor(L.Callback):
             max_samples: at most this many samples are relaxed per snapshot (bounds the cost).
             tolerance: residual threshold defining convergence (whole-state norm ‖s_t − s_{t−1}‖ per sample).
             warn_unconverged: log a warning when the free phase ends unconverged for more than this share of the
-                monitored batch (1 disables the warning).
+                monitored batch (1 disables the warning; systems whose free phase is truncated on purpose, such as
+                Initialized EP, never get it).
             saturation_margin: a unit counts as saturated within this fraction of σ's range width from a bound.
             trajectory_samples: samples shown in the output-trajectory figure (0: no figure).
             feature_map_samples: samples shown in the feature-map figures of conv layers (0: no figure).
@@ -244,7 +247,7 @@ class ConvergenceMonitor(L.Callback):
         metrics = self.summary_metrics(snap, pl_module, prefix="train/")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        self._warn_if_unconverged(snap, f"training batch at step {step}")
+        self._warn_if_unconverged(snap, f"training batch at step {step}", pl_module)
         self._write_curves(trainer, snap, pl_module, f"step_{step:07d}", "convergence/train/")
         self._write_figures(trainer, snap, pl_module, step, "convergence/train/", trajectories=False)
 
@@ -257,7 +260,8 @@ class ConvergenceMonitor(L.Callback):
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         if trainer.is_global_zero:
             step = trainer.global_step
-            self._warn_if_unconverged(snap, f"{self.batch_source} monitoring batch after epoch {trainer.current_epoch}")
+            where = f"{self.batch_source} monitoring batch after epoch {trainer.current_epoch}"
+            self._warn_if_unconverged(snap, where, pl_module)
             self._write_curves(trainer, snap, pl_module, f"epoch_{trainer.current_epoch:03d}", "convergence/")
             self._write_figures(trainer, snap, pl_module, step, "convergence/")
             self._write_feature_maps(trainer, snap, step)
@@ -331,7 +335,11 @@ class ConvergenceMonitor(L.Callback):
                     )
         return metrics
 
-    def _warn_if_unconverged(self, snap: Snapshot, where: str) -> None:
+    def _warn_if_unconverged(self, snap: Snapshot, where: str, system: RelaxingSystem) -> None:
+        """Warn when more than ``warn_unconverged`` of the batch ends the free phase unconverged, unless the system
+        declares its free phase truncated on purpose (``protocols.expects_converged_free_phase``)."""
+        if not expects_converged_free_phase(system):
+            return
         frac = unconverged_fraction(snap.free.final, self.tolerance)
         if frac > self.warn_unconverged:
             log.warning(

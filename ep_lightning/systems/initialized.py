@@ -20,7 +20,10 @@ its reducer expects and all-reduces both. Two optimizers step after it; only the
 Logged: ``train/loss`` (C at s*), ``train/acc`` / ``train/init_acc`` (accuracy of s* / of s^f), ``train/init_loss``,
 ``train/dist_init/<layer>`` (‖s^f_l − s*_l‖, per-sample norm), all epoch means; at validation and test ``*/loss``,
 ``*/acc`` (s^f refined by ``eval_steps`` steps) and ``*/init_acc`` (the initializer alone). The residual curves from
-s^f against from zero come from ``ep_lightning.callbacks.initialization.InitializationMonitor``.
+s^f against from zero come from ``ep_lightning.callbacks.initialization.InitializationMonitor``, which both systems add
+through ``configure_callbacks`` when they have an initializer (unless the trainer already has one). ``InitializedEP``
+declares its free phase truncated on purpose (``truncated_free_phase``), so the ConvergenceMonitor does not warn
+that it ends unconverged.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ep_lightning.callbacks.divergence import check_training_step
+from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
+from ep_lightning.callbacks.initialization import InitializationMonitor
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.initializer import FeedforwardInitializer, layer_contrast_losses
 from ep_lightning.relaxation import relax
@@ -97,6 +102,8 @@ class _InitializerHooks:
     initializer: FeedforwardInitializer | None
     lam: float
     local_loss: bool
+    #: The free phase is run to convergence unless a system says otherwise (``protocols.InitializedSystem``).
+    truncated_free_phase: bool = False
 
     def _attach_initializer(self, initializer: FeedforwardInitializer | None, lam: float) -> None:
         self.initializer = initializer
@@ -120,6 +127,15 @@ class _InitializerHooks:
                 )
         metric = lambda: MulticlassAccuracy(num_classes=self.net.num_classes, average="micro", validate_args=False)
         self.val_init_acc, self.test_init_acc = metric(), metric()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The default DivergenceGuard, plus an ``InitializationMonitor`` (every epoch) when there is an initializer
+        and the trainer has none of its own (a configured one, with its settings, is kept)."""
+        callbacks = default_callbacks(self)
+        configured = self._trainer.callbacks if self._trainer is not None else []  # type: ignore[attr-defined]
+        if self.initializer is not None and not any(isinstance(c, InitializationMonitor) for c in configured):
+            callbacks.append(InitializationMonitor())
+        return callbacks
 
     def initial_state(self, x: Tensor) -> State:
         """s^f = f_φ(x) without graph, or the net's zero state when there is no initializer."""
@@ -148,7 +164,9 @@ class _InitializerHooks:
         accuracy = self.val_init_acc if stage == "val" else self.test_init_acc
         with torch.no_grad():
             accuracy(self.initializer(x)[-1].argmax(dim=1), labels)
-        self.log(f"{stage}/init_acc", accuracy, on_epoch=True, prog_bar=True, batch_size=x.shape[0])  # type: ignore[attr-defined]
+        self.log(  # type: ignore[attr-defined]
+            f"{stage}/init_acc", accuracy, on_epoch=True, prog_bar=True, batch_size=x.shape[0]
+        )
 
     def initializer_specs(self, lrs: list[float] | None, field: str) -> list[OptimizerSpec]:
         if self.initializer is None:
@@ -166,7 +184,8 @@ class _InitializerHooks:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
         if self.initializer is not None:
-            checkpoint[INITIALIZER_CONFIG_KEY] = {"layers": list(self.initializer.layers), "leak": self.initializer.leak}
+            layers, leak = list(self.initializer.layers), self.initializer.leak
+            checkpoint[INITIALIZER_CONFIG_KEY] = {"layers": layers, "leak": leak}
 
 
 class InitializedEP(_InitializerHooks, EPSystem):
@@ -174,6 +193,9 @@ class InitializedEP(_InitializerHooks, EPSystem):
     local loss. With ``initializer: null`` and ``lam: 0`` it is plain EP with the same settings (zero start, random-sign
     β, Xavier init): the paper's baseline.
     """
+
+    #: T is a few negative steps on purpose (the point of the method): an unconverged free phase is expected.
+    truncated_free_phase = True
 
     def __init__(
         self,
@@ -232,7 +254,8 @@ class InitializedEP(_InitializerHooks, EPSystem):
             raise ValueError(f"model.energy_init={energy_init!r} is not known; allowed: 'xavier', 'keep'")
 
     def optimizer_specs(self) -> list[OptimizerSpec]:
-        return [OptimizerSpec(self.net.parameter_groups(), self.lrs)] + self.initializer_specs(self.init_lrs, "init_lrs")
+        net_spec = OptimizerSpec(self.net.parameter_groups(), self.lrs)
+        return [net_spec] + self.initializer_specs(self.init_lrs, "init_lrs")
 
     def start_state(self, x: Tensor, index: Tensor | None) -> State:
         """s^f = f_φ(x) with graph (for the initializer's loss; the phases detach it), or zero without initializer."""
