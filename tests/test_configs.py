@@ -97,7 +97,7 @@ def test_model_configs_hold_only_what_differs_from_the_defaults(config: Path) ->
     raw = yaml.safe_load(config.read_text())
     assert set(raw) <= {"model", "data", "trainer"}, sorted(raw)
     assert "logger" not in raw.get("trainer", {})
-    assert set(raw.get("trainer", {})) <= {"max_epochs", "callbacks"}
+    assert set(raw.get("trainer", {})) <= {"max_epochs"}
     assert "class_path" not in raw.get("data", {}), "the data module comes from configs/defaults.yaml"
 
 
