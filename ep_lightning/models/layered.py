@@ -58,12 +58,14 @@ class LayeredNet(EnergyModel):
 
 class BilinearForm(torch.autograd.Function):
     """f(θ_1, …, θ_m) = Σ_i ⟨θ_i, C_i⟩ for constant coefficients C_i (no graph), ∂f/∂θ_i = C_i: one autograd node
-    whose backward hands each parameter g·C_i (g the incoming scalar gradient), instead of a multiply, a sum and an
-    add per parameter in the forward and their backward nodes."""
+    instead of a multiply, a sum and an add per parameter and their backward nodes. Its backward hands parameter i
+    g·C_i for the incoming scalar gradient g, and C_i itself (no multiply, no copy: the node gives up its reference)
+    when g is exactly 1 on the CPU, the usual case of ``manual_backward`` on the EP surrogate. Backward runs once
+    (the coefficients are released)."""
 
     @staticmethod
     def forward(ctx: Any, coefficients: tuple[Tensor, ...], *params: Tensor) -> Tensor:
-        ctx.save_for_backward(*coefficients)
+        ctx.coefficients = coefficients
         total = params[0].new_zeros(())
         for p, c in zip(params, coefficients):
             total = total + torch.dot(p.reshape(-1), c.reshape(-1))
@@ -71,16 +73,24 @@ class BilinearForm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return (None, *(grad * c for c in ctx.saved_tensors))
+        coefficients, ctx.coefficients = ctx.coefficients, None
+        if coefficients is None:
+            raise RuntimeError("BilinearForm: backward ran twice through the same EP surrogate")
+        if grad.device.type == "cpu" and bool(grad == 1.0):  # host value, no device sync
+            return (None, *coefficients)
+        return (None, *(grad * c for c in coefficients))
 
 
-def bilinear_contrast(synapses: Sequence[nn.Linear], free: Sequence[Tensor], nudged: Sequence[Tensor]) -> Tensor:
-    """Σ_batch Σ_n [u*_{n+1}·(W_n u*_n + b_n) − u^β_{n+1}·(W_n u^β_n + b_n)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩,
+def bilinear_contrast(
+    synapses: Sequence[nn.Linear], free: Sequence[Tensor], nudged: Sequence[Tensor], scale: float = 1.0
+) -> Tensor:
+    """scale · Σ_batch Σ_n [u*_{n+1}·(W_n u*_n + b_n) − u^β_{n+1}·(W_n u^β_n + b_n)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩,
 
-    with A_n = u*_{n+1}ᵀ u*_n − u^βᵀ_{n+1} u^β_n and a_n = Σ_batch (u*_{n+1} − u^β_{n+1}) computed without graph.
-    ``free``/``nudged`` hold u_0 … u_L (u_0, the input term, is shared). One outer product per layer instead of
-    two forward and two backward products, and one ``BilinearForm`` node for all parameters: same value (up to
-    summation order), same θ-gradient (the EP update).
+    with A_n = scale · (u*_{n+1}ᵀ u*_n − u^βᵀ_{n+1} u^β_n) and a_n = scale · Σ_batch (u*_{n+1} − u^β_{n+1}) computed
+    without graph (the scale multiplies the layer above before the product). ``free``/``nudged`` hold u_0 … u_L (u_0,
+    the input term, is shared). One outer product per layer instead of two forward and two backward products, and
+    one ``BilinearForm`` node for all parameters: same value (up to summation order), same θ-gradient (the EP update;
+    bit for bit when the scale is a power of 2, else up to the rounding of where the scale is applied).
     """
     params: list[Tensor] = []
     coefficients: list[Tensor] = []
@@ -88,10 +98,15 @@ def bilinear_contrast(synapses: Sequence[nn.Linear], free: Sequence[Tensor], nud
         for n, synapse in enumerate(synapses):
             below_free, below_nudged = free[n].flatten(1), nudged[n].flatten(1)
             delta_above = free[n + 1] - nudged[n + 1]
+            if scale != 1.0:
+                delta_above.mul_(scale)
             if below_free is below_nudged:
                 outer = delta_above.T @ below_free
             else:
-                outer = torch.cat([free[n + 1], -nudged[n + 1]]).T @ torch.cat([below_free, below_nudged])
+                above = torch.cat([free[n + 1] * scale, nudged[n + 1] * -scale]) if scale != 1.0 else torch.cat(
+                    [free[n + 1], -nudged[n + 1]]
+                )
+                outer = above.T @ torch.cat([below_free, below_nudged])
             params.append(synapse.weight)
             coefficients.append(outer)
             if synapse.bias is not None:

@@ -146,7 +146,7 @@ class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
             below = h
         return total
 
-    def ep_contrast(self, x: Tensor, free: State, nudged: State) -> Tensor:
-        """Σ_batch [Φ(s*) − Φ(s^β)] in the bilinear form Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ (see ``bilinear_contrast``)."""
+    def ep_contrast(self, x: Tensor, free: State, nudged: State, scale: float = 1.0) -> Tensor:
+        """scale · Σ_batch [Φ(s*) − Φ(s^β)] in the bilinear form Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ (``bilinear_contrast``)."""
         x = x.flatten(1).to(free[0].dtype)
-        return bilinear_contrast(self.synapses[: self.n_dynamic], (x, *free), (x, *nudged))
+        return bilinear_contrast(self.synapses[: self.n_dynamic], (x, *free), (x, *nudged), scale)
