@@ -58,10 +58,9 @@ class LayeredNet(EnergyModel):
 
 class BilinearForm(torch.autograd.Function):
     """f(θ_1, …, θ_m) = Σ_i ⟨θ_i, C_i⟩ for constant coefficients C_i (no graph), ∂f/∂θ_i = C_i: one autograd node
-    instead of a multiply, a sum and an add per parameter and their backward nodes. Its backward hands parameter i
-    g·C_i for the incoming scalar gradient g, and C_i itself (no multiply, no copy: the node gives up its reference)
-    when g is exactly 1 on the CPU, the usual case of ``manual_backward`` on the EP surrogate. Backward runs once
-    (the coefficients are released)."""
+    instead of a multiply, a sum and an add per parameter and their backward nodes. Its backward scales each C_i by
+    the incoming scalar gradient g in place and hands it over as parameter i's gradient (no new tensor, no copy: the
+    node gives up its reference; g = 1, the usual case, leaves C_i unchanged), so backward runs once."""
 
     @staticmethod
     def forward(ctx: Any, coefficients: tuple[Tensor, ...], *params: Tensor) -> Tensor:
@@ -76,9 +75,7 @@ class BilinearForm(torch.autograd.Function):
         coefficients, ctx.coefficients = ctx.coefficients, None
         if coefficients is None:
             raise RuntimeError("BilinearForm: backward ran twice through the same EP surrogate")
-        if grad.device.type == "cpu" and bool(grad == 1.0):  # host value, no device sync
-            return (None, *coefficients)
-        return (None, *(grad * c for c in coefficients))
+        return (None, *(c.mul_(grad) for c in coefficients))
 
 
 def bilinear_contrast(
