@@ -60,11 +60,11 @@ class BilinearForm(torch.autograd.Function):
     """f(θ_1, …, θ_m) = Σ_i ⟨θ_i, C_i⟩ for constant coefficients C_i (no graph), ∂f/∂θ_i = C_i: one autograd node
     instead of a multiply, a sum and an add per parameter and their backward nodes. Its backward scales each C_i by
     the incoming scalar gradient g in place and hands it over as parameter i's gradient (no new tensor, no copy: the
-    node gives up its reference; g = 1, the usual case, leaves C_i unchanged), so backward runs once."""
+    saved reference is released; g = 1, the usual case, leaves C_i unchanged); backward runs once."""
 
     @staticmethod
     def forward(ctx: Any, coefficients: tuple[Tensor, ...], *params: Tensor) -> Tensor:
-        ctx.coefficients = coefficients
+        ctx.save_for_backward(*coefficients)
         total = params[0].new_zeros(())
         for p, c in zip(params, coefficients):
             total = total + torch.dot(p.reshape(-1), c.reshape(-1))
@@ -72,10 +72,9 @@ class BilinearForm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        coefficients, ctx.coefficients = ctx.coefficients, None
-        if coefficients is None:
-            raise RuntimeError("BilinearForm: backward ran twice through the same EP surrogate")
-        return (None, *(c.mul_(grad) for c in coefficients))
+        # Autograd releases the saved coefficients once this returns (no retain_graph), before the gradients are
+        # accumulated: each C_i, scaled in place, becomes the parameter's gradient without a copy.
+        return (None, *(c.mul_(grad) for c in ctx.saved_tensors))
 
 
 def bilinear_contrast(
