@@ -116,14 +116,14 @@ def lightning_pass(args: argparse.Namespace) -> tuple[dict[str, float], list[str
     cli = build(args, args.warmup + args.batches)
     module, trainer, datamodule = cli.model, cli.trainer, cli.datamodule
     found: list[str] = []
-    import ep_lightning.systems.equilibrium as system_module
+    import ep_lightning.systems.base as system_module
 
     for attr, name in (("ep_surrogate", "EP surrogate (contrast)"), ("check_training_step", "divergence guard"),
                        ("bptt_loss", "BPTT loss")):
         wrap_attr(system_module, attr, name, found)
-    for attr, name in (("training_step", "training_step (total)"), ("relaxation_phases", "relaxation phases"),
+    for attr, name in (("training_step", "training_step (total)"), ("phases", "relaxation phases"),
                        ("manual_backward", "manual_backward"), ("optimizers", "self.optimizers()"),
-                       ("log", "self.log"), ("_start_state", "initial state"), ("draw_beta", "draw β")):
+                       ("log", "self.log"), ("start_state", "initial state"), ("nudging_pair", "nudging pair")):
         wrap_attr(module, attr, name, found)
     net = inner_network(module)
     for attr, name in (("encode_target", "encode target"), ("output", "output"), ("cost", "cost (loss metric)")):
@@ -156,12 +156,12 @@ def bare_pass(args: argparse.Namespace, cli: Any) -> dict[str, float]:
     """Pass 2: the same step in a plain loop (relaxation phases, surrogate, backward, SGD), no Lightning."""
     module = cli.model
     net = inner_network(module)
-    if not hasattr(module, "relaxation_phases"):
+    if not hasattr(module, "phases"):
         return {}
-    from ep_lightning.systems import equilibrium as system_module
+    from ep_lightning.systems import base as system_module
 
     surrogate = getattr(system_module.ep_surrogate, "__wrapped__", system_module.ep_surrogate)
-    phases = getattr(module.relaxation_phases, "__wrapped__", module.relaxation_phases)
+    phases = getattr(module.phases, "__wrapped__", module.phases)
     optimizer = torch.optim.SGD([{"params": g, "lr": 1e-6} for g in net.parameter_groups()], lr=1e-6)
     loader = cli.datamodule.train_dataloader()
     batches = [b for _, b in zip(range(args.batches), loader)]
@@ -171,9 +171,9 @@ def bare_pass(args: argparse.Namespace, cli: Any) -> dict[str, float]:
         t0 = time.perf_counter()
         target = net.encode_target(labels, x)
         optimizer.zero_grad()
-        free, nudged = phases(x, target, net.init_state(x), module.beta)
+        free, _, nudged = phases(x, target, net.init_state(x), (0.0, module.beta))
         t1 = time.perf_counter()
-        loss = surrogate(net, x, free, nudged, module.beta)
+        loss = surrogate(net, x, free, nudged, (0.0, module.beta))
         t2 = time.perf_counter()
         loss.backward()
         t3 = time.perf_counter()
@@ -191,22 +191,22 @@ def relaxation_pass(args: argparse.Namespace, cli: Any) -> dict[str, Any]:
     """Pass 3: aten operators' self CPU time inside the relaxation phases against their wall time."""
     module = cli.model
     net = inner_network(module)
-    if not hasattr(module, "relaxation_phases"):
+    if not hasattr(module, "phases"):
         return {}
-    phases = getattr(module.relaxation_phases, "__wrapped__", module.relaxation_phases)
+    phases = getattr(module.phases, "__wrapped__", module.phases)
     batch = next(iter(cli.datamodule.train_dataloader()))
     x, labels = batch[0], batch[1]
     target = net.encode_target(labels, x)
     reps = max(20, args.batches // 10)
     for _ in range(5):
-        phases(x, target, net.init_state(x), module.beta)
+        phases(x, target, net.init_state(x), (0.0, module.beta))
     start = time.perf_counter()
     for _ in range(reps):
-        phases(x, target, net.init_state(x), module.beta)
+        phases(x, target, net.init_state(x), (0.0, module.beta))
     wall = (time.perf_counter() - start) / reps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(reps):
-            phases(x, target, net.init_state(x), module.beta)
+            phases(x, target, net.init_state(x), (0.0, module.beta))
     ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     self_us = sum(e.self_cpu_time_total for e in ops) / reps
     top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
@@ -222,22 +222,22 @@ def update_pass(args: argparse.Namespace, cli: Any) -> dict[str, Any]:
     """Pass 4: the update after the relaxation (EP surrogate, backward, SGD step) under ``torch.profiler``."""
     module = cli.model
     net = inner_network(module)
-    if not hasattr(module, "relaxation_phases"):
+    if not hasattr(module, "phases"):
         return {}
-    from ep_lightning.systems import equilibrium as system_module
+    from ep_lightning.systems import base as system_module
 
     surrogate = getattr(system_module.ep_surrogate, "__wrapped__", system_module.ep_surrogate)
-    phases = getattr(module.relaxation_phases, "__wrapped__", module.relaxation_phases)
+    phases = getattr(module.phases, "__wrapped__", module.phases)
     optimizer = torch.optim.SGD([{"params": g, "lr": 1e-6} for g in net.parameter_groups()], lr=1e-6)
     batch = next(iter(cli.datamodule.train_dataloader()))
     x, labels = batch[0], batch[1]
     target = net.encode_target(labels, x)
-    free, nudged = phases(x, target, net.init_state(x), module.beta)
+    free, _, nudged = phases(x, target, net.init_state(x), (0.0, module.beta))
     reps = max(20, args.batches // 10)
 
     def update() -> None:
         optimizer.zero_grad()
-        surrogate(net, x, free, nudged, module.beta).backward()
+        surrogate(net, x, free, nudged, (0.0, module.beta)).backward()
         optimizer.step()
 
     for _ in range(5):

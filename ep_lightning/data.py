@@ -113,11 +113,12 @@ class TensorPairDataset(Dataset):
             return self.images[index], self.labels[index], torch.tensor(index, device=self.labels.device)
         return self.images[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+    def __getitems__(self, indices: list[int] | Tensor) -> tuple[Tensor, ...]:
+        """The batch at ``indices`` (a list of ints or an int64 tensor, e.g. a slice of a permutation)."""
         idx = torch.as_tensor(indices, device=self.labels.device)
         if self.return_index:
-            return self.images[idx], self.labels[idx], idx
-        return self.images[idx], self.labels[idx]
+            return self.images.index_select(0, idx), self.labels.index_select(0, idx), idx
+        return self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
 
 def keep_batch(batch: Any) -> Any:
@@ -155,9 +156,13 @@ class EpochShuffleSampler(Sampler[int]):
         generator = torch.Generator().manual_seed((self.seed + self.epoch) % 2**63)
         return torch.randperm(self.n, generator=generator)
 
-    def __iter__(self) -> Iterator[int]:
+    def remaining(self) -> Tensor:
+        """The current epoch's permutation from the resume position on (the position is then reset to 0)."""
         start, self.start = self.start, 0
-        yield from self.permutation()[start:].tolist()
+        return self.permutation()[start:]
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.remaining().tolist()
 
     def __len__(self) -> int:
         return self.n
@@ -170,9 +175,25 @@ class EpochShuffleSampler(Sampler[int]):
         self.start = min(int(state["samples_done"]), self.n)
 
 
+class PermutationBatchSampler(Sampler[Tensor]):
+    """Batches as consecutive slices of an :class:`EpochShuffleSampler`'s permutation, one int64 tensor each (no
+    Python int per sample): the batches of ``BatchSampler(sampler, batch_size, drop_last=False)``. Lightning sets
+    the epoch through ``.sampler`` (``set_epoch``); the resume position is the sampler's."""
+
+    def __init__(self, sampler: EpochShuffleSampler, batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, int(batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        yield from self.sampler.remaining().split(self.batch_size)
+
+    def __len__(self) -> int:
+        return (self.sampler.n + self.batch_size - 1) // self.batch_size
+
+
 class ResumableDataLoader(DataLoader):
-    """DataLoader over an :class:`EpochShuffleSampler` that Lightning saves in checkpoints (its ``_Stateful``
-    protocol), so ``--ckpt_path last`` resumes mid-epoch on exactly the batches an uninterrupted run would see.
+    """DataLoader over an :class:`EpochShuffleSampler` (as ``sampler``, or inside a ``PermutationBatchSampler`` as
+    ``batch_sampler``) that Lightning saves in checkpoints (its ``_Stateful`` protocol), so ``--ckpt_path last``
+    resumes mid-epoch on exactly the batches an uninterrupted run would see.
 
     ``batches_done`` returns how many batches of the current epoch the trainer has finished (Lightning prefetches
     one batch ahead, so the loader's own count would be one too many); without it, yielded batches are counted.
@@ -182,15 +203,21 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.batches_done = batches_done
 
-    def state_dict(self) -> dict[str, int]:
+    def epoch_sampler(self) -> tuple[EpochShuffleSampler, int]:
+        """The sampler that holds the order and resume position, and the batch size."""
+        if isinstance(self.batch_sampler, PermutationBatchSampler):
+            return self.batch_sampler.sampler, self.batch_sampler.batch_size
         assert isinstance(self.sampler, EpochShuffleSampler)
+        return self.sampler, int(self.batch_size or 1)
+
+    def state_dict(self) -> dict[str, int]:
+        sampler, batch_size = self.epoch_sampler()
         done = self.batches_done() if self.batches_done is not None else None
-        samples = self.sampler.n if done is None else min(done * int(self.batch_size or 1), self.sampler.n)
-        return self.sampler.state_dict(samples)
+        samples = sampler.n if done is None else min(done * batch_size, sampler.n)
+        return sampler.state_dict(samples)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        assert isinstance(self.sampler, EpochShuffleSampler)
-        self.sampler.load_state_dict(state)
+        self.epoch_sampler()[0].load_state_dict(state)
 
 
 def shuffle_seed() -> int:
@@ -311,10 +338,10 @@ class MNISTDataModule(L.LightningDataModule):
         if trainer is not None and trainer.world_size > 1:  # Lightning installs a DistributedSampler (epoch-seeded)
             return self._loader(self.train_set, self.hparams.batch_size, shuffle=shuffle)
         on_device = self.train_set.labels.device.type != "cpu"
+        sampler = EpochShuffleSampler(len(self.train_set), shuffle_seed(), shuffle)
         return ResumableDataLoader(
             self.train_set,
-            batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(self.train_set), shuffle_seed(), shuffle),
+            batch_sampler=PermutationBatchSampler(sampler, self.hparams.batch_size),
             collate_fn=keep_batch,
             num_workers=0 if on_device else self.hparams.num_workers,
             persistent_workers=bool(self.hparams.num_workers) and not on_device,

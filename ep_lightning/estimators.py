@@ -26,7 +26,8 @@ def ep_surrogate(net: EnergyModel, x: Tensor, state_a: State, state_b: State, be
         raise ValueError(f"nudging pair {betas} is invalid: β_a and β_b must differ (the update divides by β_b − β_a)")
     state_a = tuple(s.detach() for s in state_a)
     state_b = tuple(s.detach() for s in state_b)
-    return net.ep_contrast(x, state_a, state_b) / ((beta_b - beta_a) * x.shape[0])
+    # The factor 1/((β_b − β_a)·batch) enters the contrast (a power of 2 for one-sided β = 0.1, batch 20: exact).
+    return net.ep_contrast(x, state_a, state_b, scale=1.0 / ((beta_b - beta_a) * x.shape[0]))
 
 
 def bptt_loss(net: EnergyModel, state: State, target: Tensor) -> Tensor:

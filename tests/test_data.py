@@ -206,3 +206,38 @@ def test_shuffle_false_keeps_the_file_order() -> None:
 def test_unknown_val_split_is_rejected() -> None:
     with pytest.raises(ValueError, match="data.val_split='first'"):
         MNISTDataModule(val_split="first")
+
+
+def test_permutation_batches_equal_the_int_sampler_batches_and_resume() -> None:
+    """Training batches sliced from the epoch's permutation are the batches of the per-sample int sampler (last one
+    short), for every epoch, with the same (images, labels, index); mid-epoch resume continues with the same ones."""
+    from torch.utils.data import DataLoader
+
+    from ep_lightning.data import EpochShuffleSampler, PermutationBatchSampler, ResumableDataLoader, keep_batch
+
+    dm = MNISTDataModule(data_dir=str(RAW.parents[1]), train_subset=105, batch_size=10, return_index=True)
+    dm.setup("fit")
+    data = dm.train_set
+    for epoch in (0, 3):
+        ints = DataLoader(data, batch_size=10, sampler=EpochShuffleSampler(105, 11), collate_fn=keep_batch)
+        ints.sampler.set_epoch(epoch)
+        sliced = ResumableDataLoader(data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(105, 11), 10),
+                                     collate_fn=keep_batch)
+        sliced.batch_sampler.sampler.set_epoch(epoch)
+        a, b = list(ints), list(sliced)
+        assert len(a) == len(b) == len(sliced) == 11 and b[-1][1].shape == (5,)
+        for batch_a, batch_b in zip(a, b):
+            assert all(torch.equal(u, v) for u, v in zip(batch_a, batch_b))
+    done = {"n": 4}
+    loader = ResumableDataLoader(data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(105, 11), 10),
+                                 collate_fn=keep_batch, batches_done=lambda: done["n"])
+    loader.batch_sampler.sampler.set_epoch(2)
+    full = [batch[2].tolist() for batch in loader]
+    state = loader.state_dict()
+    assert state == {"seed": 11, "epoch": 2, "samples_done": 40}
+    fresh = ResumableDataLoader(data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(105, 0), 10),
+                                collate_fn=keep_batch)
+    fresh.load_state_dict(state)
+    fresh.batch_sampler.sampler.set_epoch(2)  # Lightning sets the same epoch again on resume
+    assert [batch[2].tolist() for batch in fresh] == full[4:]
+    assert [batch[2].tolist() for batch in fresh] == full

@@ -54,15 +54,12 @@ class EnergyModel(nn.Module, ABC):
     def phi(self, x: Tensor, state: State) -> Tensor:
         """Per-sample Φ(x, s, θ) for P models, −E(x, s, θ) for EB models; shape (batch,)."""
 
-    def ep_contrast(self, x: Tensor, free: State, nudged: State) -> Tensor:
-        """Σ_batch [Φ(x, s*, θ) − Φ(x, s^β, θ)] with states treated as constants; its θ-gradient is the
-        (unnormalised, negated) EP update. Models whose Φ is linear in θ override this with a cheaper form that
+    def ep_contrast(self, x: Tensor, free: State, nudged: State, scale: float = 1.0) -> Tensor:
+        """scale · Σ_batch [Φ(x, s*, θ) − Φ(x, s^β, θ)] with states treated as constants; its θ-gradient is the
+        (negated) EP update times the scale. Models whose Φ is linear in θ override this with a cheaper form that
         has the same value and gradient (tested against this default)."""
-        return (self.phi(x, free) - self.phi(x, nudged)).sum()
-
-    def readout_loss(self, state: State, target: Tensor) -> Tensor | None:
-        """A loss whose θ-gradient is added to the EP update (a read-out outside the dynamics), or None."""
-        return None
+        total = (self.phi(x, free) - self.phi(x, nudged)).sum()
+        return total if scale == 1.0 else total * scale
 
     @abstractmethod
     def parameter_groups(self) -> list[list[nn.Parameter]]:

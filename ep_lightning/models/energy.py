@@ -159,12 +159,12 @@ class EnergyBasedNet(LayeredNet):
         """Φ = −E(x, s, θ) per sample."""
         return -self.energy(x, state)
 
-    def ep_contrast(self, x: Tensor, free: State, nudged: State) -> Tensor:
-        """Σ_batch [E(s^β) − E(s*)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ on the activated layers u = ρ(h), u_0 = ρ(x), plus the
-        θ-independent ½‖h‖² terms (kept so the value equals the default −E form)."""
+    def ep_contrast(self, x: Tensor, free: State, nudged: State, scale: float = 1.0) -> Tensor:
+        """scale · Σ_batch [E(s^β) − E(s*)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ on the activated layers u = ρ(h), u_0 = ρ(x),
+        plus the θ-independent ½‖h‖² terms (kept so the value equals the default −E form)."""
         x_term = self.rho(x.flatten(1).to(free[0].dtype))
         with torch.no_grad():
             u_free = (x_term, *(self.rho(h) for h in free))
             u_nudged = (x_term, *(self.rho(h) for h in nudged))
             quadratic = 0.5 * sum(hn.pow(2).sum() - hf.pow(2).sum() for hf, hn in zip(free, nudged))
-        return bilinear_contrast(self.synapses, u_free, u_nudged) + quadratic
+        return bilinear_contrast(self.synapses, u_free, u_nudged, scale) + scale * quadratic

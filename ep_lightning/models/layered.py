@@ -5,6 +5,7 @@ adjacent layers), and the algebra of nets whose Φ is bilinear in the layers: Φ
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,24 +56,56 @@ class LayeredNet(EnergyModel):
         return [list(synapse.parameters()) for synapse in self.synapses]
 
 
-def bilinear_contrast(synapses: Sequence[nn.Linear], free: Sequence[Tensor], nudged: Sequence[Tensor]) -> Tensor:
-    """Σ_batch Σ_n [u*_{n+1}·(W_n u*_n + b_n) − u^β_{n+1}·(W_n u^β_n + b_n)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩,
+class BilinearForm(torch.autograd.Function):
+    """f(θ_1, …, θ_m) = Σ_i ⟨θ_i, C_i⟩ for constant coefficients C_i (no graph), ∂f/∂θ_i = C_i: one autograd node
+    instead of a multiply, a sum and an add per parameter and their backward nodes. Its backward scales each C_i by
+    the incoming scalar gradient g in place and hands it over as parameter i's gradient (no new tensor, no copy: the
+    saved reference is released; g = 1, the usual case, leaves C_i unchanged); backward runs once."""
 
-    with A_n = u*_{n+1}ᵀ u*_n − u^βᵀ_{n+1} u^β_n and a_n = Σ_batch (u*_{n+1} − u^β_{n+1}) computed without graph.
-    ``free``/``nudged`` hold u_0 … u_L (u_0, the input term, is shared). One outer product per layer instead of
-    two forward and two backward products: same value, same θ-gradient (the EP update).
+    @staticmethod
+    def forward(ctx: Any, coefficients: tuple[Tensor, ...], *params: Tensor) -> Tensor:
+        ctx.save_for_backward(*coefficients)
+        total = params[0].new_zeros(())
+        for p, c in zip(params, coefficients):
+            total = total + torch.dot(p.reshape(-1), c.reshape(-1))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # Autograd releases the saved coefficients once this returns (no retain_graph), before the gradients are
+        # accumulated: each C_i, scaled in place, becomes the parameter's gradient without a copy.
+        return (None, *(c.mul_(grad) for c in ctx.saved_tensors))
+
+
+def bilinear_contrast(
+    synapses: Sequence[nn.Linear], free: Sequence[Tensor], nudged: Sequence[Tensor], scale: float = 1.0
+) -> Tensor:
+    """scale · Σ_batch Σ_n [u*_{n+1}·(W_n u*_n + b_n) − u^β_{n+1}·(W_n u^β_n + b_n)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩,
+
+    with A_n = scale · (u*_{n+1}ᵀ u*_n − u^βᵀ_{n+1} u^β_n) and a_n = scale · Σ_batch (u*_{n+1} − u^β_{n+1}) computed
+    without graph (the scale multiplies the layer above before the product). ``free``/``nudged`` hold u_0 … u_L (u_0,
+    the input term, is shared). One outer product per layer instead of two forward and two backward products, and
+    one ``BilinearForm`` node for all parameters: same value (up to summation order), same θ-gradient (the EP update;
+    bit for bit when the scale is a power of 2, else up to the rounding of where the scale is applied).
     """
-    total = free[0].new_zeros(())
-    for n, synapse in enumerate(synapses):
-        with torch.no_grad():
+    params: list[Tensor] = []
+    coefficients: list[Tensor] = []
+    with torch.no_grad():
+        for n, synapse in enumerate(synapses):
             below_free, below_nudged = free[n].flatten(1), nudged[n].flatten(1)
             delta_above = free[n + 1] - nudged[n + 1]
+            if scale != 1.0:
+                delta_above.mul_(scale)
             if below_free is below_nudged:
                 outer = delta_above.T @ below_free
             else:
-                outer = torch.cat([free[n + 1], -nudged[n + 1]]).T @ torch.cat([below_free, below_nudged])
-            bias_term = delta_above.sum(dim=0)
-        total = total + (synapse.weight * outer).sum()
-        if synapse.bias is not None:
-            total = total + (synapse.bias * bias_term).sum()
-    return total
+                above = torch.cat([free[n + 1] * scale, nudged[n + 1] * -scale]) if scale != 1.0 else torch.cat(
+                    [free[n + 1], -nudged[n + 1]]
+                )
+                outer = above.T @ torch.cat([below_free, below_nudged])
+            params.append(synapse.weight)
+            coefficients.append(outer)
+            if synapse.bias is not None:
+                params.append(synapse.bias)
+                coefficients.append(delta_above.sum(dim=0))
+    return BilinearForm.apply(tuple(coefficients), *params)

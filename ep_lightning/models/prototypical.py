@@ -18,15 +18,17 @@ from ep_lightning.models.readout import ReadoutName, SoftmaxReadoutMixin, check_
 
 class PrototypicalDrive(NamedTuple):
     """Per-batch constants of the P dynamics with σ(z) = g(a z + c): ``first`` = a(W_0 x + b_0) + c,
-    ``biases[n-1]`` = a b_n + c for the layers above the first, and ``weights`` = (W_1, …, W_L), the synapses above
-    the input as used by ``step`` (read once per batch instead of through the module tree at every step).
+    ``biases[n-1]`` = a b_n + c for the layers above the first, ``weights`` = (W_1, …, W_L), the synapses above
+    the input as used by ``step``, and ``transposed`` = (W_1ᵀ, …, W_Lᵀ) (views), all read once per batch instead of
+    through the module tree (and a transpose) at every step.
     Only ``first`` depends on the sample (``SHARED_FIELDS`` tells ``repeat_batch`` not to repeat the others)."""
 
     first: Tensor
     biases: tuple[Tensor, ...]
     weights: tuple[Tensor, ...] = ()
+    transposed: tuple[Tensor, ...] = ()
 
-    SHARED_FIELDS = ("biases", "weights")
+    SHARED_FIELDS = ("biases", "weights", "transposed")
 
 
 class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
@@ -98,20 +100,20 @@ class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
 
     def drive(self, x: Tensor) -> PrototypicalDrive:
         """Constant terms: a(W_0 x + b_0) + c for the first layer, a b_n + c for the others (σ(z) = g(az + c)),
-        and the weights W_1 … W_L the steps multiply by."""
+        and the weights W_1 … W_L (and their transposes) the steps multiply by."""
         a, c, _ = self.fused
         first, *above = self.synapses
         biases = tuple(syn.bias * a + c for syn in above[: self.n_dynamic - 1])
         weights = tuple(syn.weight for syn in above[: self.n_dynamic])
         first_drive = torch.addmm(first.bias * a + c, x.flatten(1), first.weight.T, alpha=a)
-        return PrototypicalDrive(first_drive, biases, weights)
+        return PrototypicalDrive(first_drive, biases, weights, tuple(w.T for w in weights))
 
     def step(self, state: State, drive: PrototypicalDrive, beta: Beta = 0.0, target: Tensor | None = None) -> State:
         """h_{n+1} ← σ(W_n h_n + b_n + W_{n+1}ᵀ h_{n+2}) for every layer from the old state (dt = 1), leaky with dt,
         plus the nudge on the last layer (``mse``: dt·β(y − s_out) outside σ; ``ce``: β·nudge inside σ);
         pre-activations built in place as a(…) + c with addmm/addmm_, σ applied in place."""
         a, _, activate = self.fused
-        weights, last = drive.weights, len(state) - 1
+        weights, transposed, last = drive.weights, drive.transposed, len(state) - 1
         nudged = is_nudged(beta)
         if nudged:
             assert target is not None, "a nudged step needs a target"
@@ -121,7 +123,7 @@ class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
             if n == 0:  # a(W_0 x + b_0) + c [+ a W_1ᵀ h_2]
                 pre = torch.addmm(drive.first, state[1], weights[0], alpha=a) if last else drive.first.clone()
             else:  # a(W_n h_n + b_n) + c [+ a W_{n+1}ᵀ h_{n+2}]
-                pre = torch.addmm(drive.biases[n - 1], state[n - 1], weights[n - 1].T, alpha=a)
+                pre = torch.addmm(drive.biases[n - 1], state[n - 1], transposed[n - 1], alpha=a)
                 if n < last:
                     pre.addmm_(state[n + 1], weights[n], alpha=a)
             nudge_here = nudged and n == last
@@ -144,7 +146,7 @@ class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
             below = h
         return total
 
-    def ep_contrast(self, x: Tensor, free: State, nudged: State) -> Tensor:
-        """Σ_batch [Φ(s*) − Φ(s^β)] in the bilinear form Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ (see ``bilinear_contrast``)."""
+    def ep_contrast(self, x: Tensor, free: State, nudged: State, scale: float = 1.0) -> Tensor:
+        """scale · Σ_batch [Φ(s*) − Φ(s^β)] in the bilinear form Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ (``bilinear_contrast``)."""
         x = x.flatten(1).to(free[0].dtype)
-        return bilinear_contrast(self.synapses[: self.n_dynamic], (x, *free), (x, *nudged))
+        return bilinear_contrast(self.synapses[: self.n_dynamic], (x, *free), (x, *nudged), scale)
