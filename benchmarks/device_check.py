@@ -111,8 +111,11 @@ def machine_info() -> dict:
     import torch
 
     info: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-        "cpu_count": os.cpu_count(), "hostname_kind": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_count": os.cpu_count(),
+        "hostname_kind": platform.machine(),
     }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -124,14 +127,20 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(
-            gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
-            gpu_memory_gib=round(props.total_memory / 2**30, 1), compute_capability=f"{props.major}.{props.minor}",
-            cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+            gpu=torch.cuda.get_device_name(0),
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
         )
         if shutil.which("nvidia-smi"):
             query = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=30, check=False,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
             )
             info["driver"] = query.stdout.strip().splitlines()[0] if query.returncode == 0 else None
     else:
@@ -169,8 +178,10 @@ def part_throughput(args: argparse.Namespace, records: Path) -> None:
         if left < 5:
             append_record(records, {**record, "status": "skipped", "reason": "budget exhausted"})
             continue
-        overrides = [f"data.init_args.device_resident={str(resident).lower()}",
-                     f"model.init_args.compile_relaxation={str(compiled).lower()}" if compilable else ""]
+        overrides = [
+            f"data.init_args.device_resident={str(resident).lower()}",
+            f"model.init_args.compile_relaxation={str(compiled).lower()}" if compilable else "",
+        ]
         if args.quick:
             overrides += step_overrides(config, *QUICK_STEPS[name]) + QUICK_DATA
             batches, warmup, eval_batches = 1, 1, 1
@@ -178,19 +189,57 @@ def part_throughput(args: argparse.Namespace, records: Path) -> None:
             batches, warmup, eval_batches = 100_000, 20 if compiled else 5, 5
         # Timed seconds per setting, at most a third of what is left; compilation happens in the warm-up batches.
         seconds = max(3.0, min(args.per_setting, left / 3))
-        argv = ["--config", config, "--device", args.device, "--batches", str(batches), "--warmup", str(warmup),
-                "--eval_batches", str(eval_batches), "--seconds", str(seconds),
-                "--set", *[o for o in overrides if o]]
+        argv = [
+            "--config",
+            config,
+            "--device",
+            args.device,
+            "--batches",
+            str(batches),
+            "--warmup",
+            str(warmup),
+            "--eval_batches",
+            str(eval_batches),
+            "--seconds",
+            str(seconds),
+            "--set",
+            *[o for o in overrides if o],
+        ]
         start = time.monotonic()
         try:
             result = measure(parse_args(argv))
-            append_record(records, {**record, "status": "ok", "seconds": round(time.monotonic() - start, 1),
-                                    **{k: result[k] for k in ("train_samples_per_s", "train_ms_per_batch",
-                                                              "eval_samples_per_s", "epoch_s", "peak_mem_mb",
-                                                              "timed_batches", "T", "K", "batch_size")}})
+            append_record(
+                records,
+                {
+                    **record,
+                    "status": "ok",
+                    "seconds": round(time.monotonic() - start, 1),
+                    **{
+                        k: result[k]
+                        for k in (
+                            "train_samples_per_s",
+                            "train_ms_per_batch",
+                            "eval_samples_per_s",
+                            "epoch_s",
+                            "peak_mem_mb",
+                            "timed_batches",
+                            "T",
+                            "K",
+                            "batch_size",
+                        )
+                    },
+                },
+            )
         except Exception as err:  # noqa: BLE001 - recorded; one failing setting must not hide the others
-            append_record(records, {**record, "status": "failed", "seconds": round(time.monotonic() - start, 1),
-                                    "error": f"{type(err).__name__}: {str(err)[:500]}"})
+            append_record(
+                records,
+                {
+                    **record,
+                    "status": "failed",
+                    "seconds": round(time.monotonic() - start, 1),
+                    "error": f"{type(err).__name__}: {str(err)[:500]}",
+                },
+            )
         torch._dynamo.reset()
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -204,12 +253,37 @@ def one_step_update(config: str, device: str, overrides: list[str], precision: s
     from ep_lightning.cli import cli_main
 
     cli = cli_main(
-        ["--config", config, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.callbacks", "[]", "--trainer.accelerator", device, "--trainer.devices", "1",
-         "--trainer.max_steps", "1", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
-         "--trainer.precision", precision, "--trainer.default_root_dir", "/tmp/ep_device_check",
-         "--test_after_fit", "false", *cli_args(overrides)],
+        [
+            "--config",
+            config,
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.accelerator",
+            device,
+            "--trainer.devices",
+            "1",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.precision",
+            precision,
+            "--trainer.default_root_dir",
+            "/tmp/ep_device_check",
+            "--test_after_fit",
+            "false",
+            *cli_args(overrides),
+        ],
         run=False,
     )
     before = {k: v.detach().to("cpu", torch.float64, copy=True) for k, v in cli.model.state_dict().items()}
@@ -260,24 +334,44 @@ def part_parity(args: argparse.Namespace, records: Path) -> None:
         try:
             ref = one_step_update(config, "cpu", overrides, "64-true")
             eager = one_step_update(config, args.device, overrides, "32-true")
-            compiled = one_step_update(config, args.device, overrides + ["model.init_args.compile_relaxation=true"],
-                                       "32-true")
-            same_init = all(torch.equal(eager["before"][k], compiled["before"][k]) and
-                            torch.equal(eager["before"][k], ref["before"][k]) for k in ref["before"])
+            compiled = one_step_update(
+                config, args.device, overrides + ["model.init_args.compile_relaxation=true"], "32-true"
+            )
+            same_init = all(
+                torch.equal(eager["before"][k], compiled["before"][k])
+                and torch.equal(eager["before"][k], ref["before"][k])
+                for k in ref["before"]
+            )
             eager_err = relative_error(eager["update"], ref["update"])
             compiled_err = relative_error(compiled["update"], ref["update"])
             diff = relative_error(compiled["update"], eager["update"])
             tolerance = PARITY_FACTOR * max(eager_err, 1e-7)
             moved = max(float(u.abs().max()) for u in ref["update"].values())
-            append_record(records, {
-                **record, "status": "ok" if same_init and moved > 0 and diff <= tolerance else "failed",
-                "steps": steps, "same_initial_weights": same_init, "update_max_abs": moved,
-                "eager_vs_float64": eager_err, "compiled_vs_float64": compiled_err, "compiled_vs_eager": diff,
-                "tolerance": tolerance, "seconds": round(time.monotonic() - start, 1),
-            })
+            append_record(
+                records,
+                {
+                    **record,
+                    "status": "ok" if same_init and moved > 0 and diff <= tolerance else "failed",
+                    "steps": steps,
+                    "same_initial_weights": same_init,
+                    "update_max_abs": moved,
+                    "eager_vs_float64": eager_err,
+                    "compiled_vs_float64": compiled_err,
+                    "compiled_vs_eager": diff,
+                    "tolerance": tolerance,
+                    "seconds": round(time.monotonic() - start, 1),
+                },
+            )
         except Exception as err:  # noqa: BLE001 - recorded; one failing system must not hide the others
-            append_record(records, {**record, "status": "failed", "seconds": round(time.monotonic() - start, 1),
-                                    "error": f"{type(err).__name__}: {str(err)[:500]}"})
+            append_record(
+                records,
+                {
+                    **record,
+                    "status": "failed",
+                    "seconds": round(time.monotonic() - start, 1),
+                    "error": f"{type(err).__name__}: {str(err)[:500]}",
+                },
+            )
         torch._dynamo.reset()
 
 
@@ -292,16 +386,40 @@ def part_train(args: argparse.Namespace, records: Path) -> None:
 
     deadline = time.monotonic() + args.seconds
     config, _ = SYSTEMS["P-conv"]
-    overrides = [f"data.init_args.device_resident={'true' if args.device == 'cuda' else 'false'}",
-                 f"model.init_args.compile_relaxation={str(args.train_compile).lower()}"]
+    overrides = [
+        f"data.init_args.device_resident={'true' if args.device == 'cuda' else 'false'}",
+        f"model.init_args.compile_relaxation={str(args.train_compile).lower()}",
+    ]
     if args.quick:
         overrides += step_overrides(config, *QUICK_STEPS["P-conv"]) + QUICK_DATA
     cli = cli_main(
-        ["--config", config, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.callbacks", "[]", "--trainer.accelerator", args.device, "--trainer.devices", "1",
-         "--trainer.max_epochs", "2" if args.quick else "1000", "--trainer.limit_val_batches", "0",
-         "--trainer.default_root_dir", "/tmp/ep_device_check", "--test_after_fit", "false", *cli_args(overrides)],
+        [
+            "--config",
+            config,
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.accelerator",
+            args.device,
+            "--trainer.devices",
+            "1",
+            "--trainer.max_epochs",
+            "2" if args.quick else "1000",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.default_root_dir",
+            "/tmp/ep_device_check",
+            "--test_after_fit",
+            "false",
+            *cli_args(overrides),
+        ],
         run=False,
     )
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
@@ -349,13 +467,20 @@ def part_train(args: argparse.Namespace, records: Path) -> None:
             self.recorded_epoch = trainer.current_epoch
             if complete:
                 self.epoch_s = train_s
-            append_record(records, {
-                "epoch": trainer.current_epoch + 1, "complete_epoch": complete, "batches": self.batches,
-                "train_images": len(datamodule.train_set),
-                "samples": self.batches * datamodule.hparams.batch_size, "train_s": round(train_s, 2),
-                "train_samples_per_s": round(self.batches * datamodule.hparams.batch_size / max(train_s, 1e-9), 1),
-                "test_error_percent": round(error, 2), "test_s": round(self.eval_s, 2),
-            })
+            append_record(
+                records,
+                {
+                    "epoch": trainer.current_epoch + 1,
+                    "complete_epoch": complete,
+                    "batches": self.batches,
+                    "train_images": len(datamodule.train_set),
+                    "samples": self.batches * datamodule.hparams.batch_size,
+                    "train_s": round(train_s, 2),
+                    "train_samples_per_s": round(self.batches * datamodule.hparams.batch_size / max(train_s, 1e-9), 1),
+                    "test_error_percent": round(error, 2),
+                    "test_s": round(self.eval_s, 2),
+                },
+            )
 
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             full = trainer.num_training_batches
@@ -369,7 +494,9 @@ def part_train(args: argparse.Namespace, records: Path) -> None:
 
 
 PARTS: dict[str, Callable[[argparse.Namespace, Path], None]] = {
-    "throughput": part_throughput, "parity": part_parity, "train": part_train,
+    "throughput": part_throughput,
+    "parity": part_parity,
+    "train": part_train,
 }
 
 
@@ -388,8 +515,21 @@ def run_part(name: str, args: argparse.Namespace, seconds: float, out: Path, ext
     """Run one part as a subprocess of this script; its records survive a timeout (JSON lines written as it goes)."""
     records = out / "parts" / f"{name}.jsonl"
     records.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--device", args.device,
-           "--seconds", f"{seconds:.1f}", "--records", str(records), "--per_setting", str(args.per_setting), *extra]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--part",
+        name,
+        "--device",
+        args.device,
+        "--seconds",
+        f"{seconds:.1f}",
+        "--records",
+        str(records),
+        "--per_setting",
+        str(args.per_setting),
+        *extra,
+    ]
     if args.quick:
         cmd.append("--quick")
     start = time.monotonic()
@@ -424,62 +564,110 @@ def run_cuda_tests(seconds: float) -> dict:
     status = "ok" if proc.returncode == 0 and not counts.get("failed") else "failed"
     if counts and set(counts) == {"skipped"}:
         status = "skipped"
-    return {"status": status, "seconds": round(time.monotonic() - start, 1), "returncode": proc.returncode,
-            "summary": summary, "counts": counts, "output_tail": proc.stdout[-3000:]}
+    return {
+        "status": status,
+        "seconds": round(time.monotonic() - start, 1),
+        "returncode": proc.returncode,
+        "summary": summary,
+        "counts": counts,
+        "output_tail": proc.stdout[-3000:],
+    }
 
 
 def pick_train_compile(throughput: dict) -> bool:
     """Train P-conv with the compiled relaxation only if it was measured faster than eager (device-resident data)."""
-    rates = {r["compile"]: r["train_samples_per_s"] for r in throughput.get("records", [])
-             if r.get("system") == "P-conv" and r.get("resident") and r.get("status") == "ok"}
+    rates = {
+        r["compile"]: r["train_samples_per_s"]
+        for r in throughput.get("records", [])
+        if r.get("system") == "P-conv" and r.get("resident") and r.get("status") == "ok"
+    }
     return bool(rates.get(True, 0) > rates.get(False, float("inf")))
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = ["# Device check", "",
-             f"Machine: {m.get('gpu') or 'no GPU'}"
-             + (f" (driver {m.get('driver')}, CUDA {m.get('cuda')}, {m.get('gpu_memory_gib')} GiB)" if m.get("gpu")
-                else f", CPU {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('threads')} torch threads)")
-             + f"; torch {m.get('torch')}, Python {m.get('python')}. Device used: {report['device']}; "
-             f"budget {report['budget_s']} s, used {report['elapsed_s']} s; quick: {report['quick']}.", ""]
+    lines = [
+        "# Device check",
+        "",
+        f"Machine: {m.get('gpu') or 'no GPU'}"
+        + (
+            f" (driver {m.get('driver')}, CUDA {m.get('cuda')}, {m.get('gpu_memory_gib')} GiB)"
+            if m.get("gpu")
+            else f", CPU {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('threads')} torch threads)"
+        )
+        + f"; torch {m.get('torch')}, Python {m.get('python')}. Device used: {report['device']}; "
+        f"budget {report['budget_s']} s, used {report['elapsed_s']} s; quick: {report['quick']}.",
+        "",
+    ]
     tests = report["cuda_tests"]
     lines += ["## CUDA tests (`tests/test_cuda.py`)", "", f"{tests['status']}: {tests.get('summary', '')}", ""]
-    lines += ["## Throughput (samples/s)", "",
-              "| system | relaxation | data | train | ms/batch | eval | epoch (60k) | status |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Throughput (samples/s)",
+        "",
+        "| system | relaxation | data | train | ms/batch | eval | epoch (60k) | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["throughput"].get("records", []):
         rel = "compiled" if r["compile"] else "eager"
         data = "device-resident" if r["resident"] else "host → device"
         if r["status"] == "ok":
-            lines.append(f"| {r['system']} (T {r['T']}, K {r['K']}) | {rel} | {data} | {r['train_samples_per_s']:,.0f} | "
-                         f"{r['train_ms_per_batch']:.2f} | {r['eval_samples_per_s']:,.0f} | {r['epoch_s']:.0f} s | ok |")
+            lines.append(
+                f"| {r['system']} (T {r['T']}, K {r['K']}) | {rel} | {data} | {r['train_samples_per_s']:,.0f} | "
+                f"{r['train_ms_per_batch']:.2f} | {r['eval_samples_per_s']:,.0f} | {r['epoch_s']:.0f} s | ok |"
+            )
         else:
-            lines.append(f"| {r['system']} | {rel} | {data} | — | — | — | — | {r['status']}: "
-                         f"{r.get('reason') or r.get('error', '')[:120]} |")
-    lines += ["", "## Compiled vs eager training step (same batch, same weights)", "",
-              "| system | steps (T, K) | eager vs float64 | compiled vs float64 | compiled vs eager | tolerance | status |",
-              "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['system']} | {rel} | {data} | — | — | — | — | {r['status']}: "
+                f"{r.get('reason') or r.get('error', '')[:120]} |"
+            )
+    lines += [
+        "",
+        "## Compiled vs eager training step (same batch, same weights)",
+        "",
+        "| system | steps (T, K) | eager vs float64 | compiled vs float64 | compiled vs eager | tolerance | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["parity"].get("records", []):
         if "compiled_vs_eager" in r:
-            lines.append(f"| {r['system']} | {r['steps'] or 'config'} | {r['eager_vs_float64']:.2e} | "
-                         f"{r['compiled_vs_float64']:.2e} | {r['compiled_vs_eager']:.2e} | {r['tolerance']:.2e} | "
-                         f"{r['status']} |")
+            lines.append(
+                f"| {r['system']} | {r['steps'] or 'config'} | {r['eager_vs_float64']:.2e} | "
+                f"{r['compiled_vs_float64']:.2e} | {r['compiled_vs_eager']:.2e} | {r['tolerance']:.2e} | "
+                f"{r['status']} |"
+            )
         else:
-            lines.append(f"| {r['system']} | — | — | — | — | — | {r['status']}: "
-                         f"{r.get('reason') or r.get('error', '')[:120]} |")
-    lines += ["", ("Relative errors are max over parameters of ‖a − b‖/‖b‖ of the weight update; tolerance = 10 × "
-                   "eager's distance to float64 (see `part_parity`)."), "", "## P-conv EP, budgeted training", "",
-              "| epoch | complete | samples | train s | samples/s | test error | test s |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['system']} | — | — | — | — | — | {r['status']}: {r.get('reason') or r.get('error', '')[:120]} |"
+            )
+    lines += [
+        "",
+        (
+            "Relative errors are max over parameters of ‖a − b‖/‖b‖ of the weight update; tolerance = 10 × "
+            "eager's distance to float64 (see `part_parity`)."
+        ),
+        "",
+        "## P-conv EP, budgeted training",
+        "",
+        "| epoch | complete | samples | train s | samples/s | test error | test s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["train"].get("records", []):
         if "epoch" in r:
-            lines.append(f"| {r['epoch']} | {'yes' if r['complete_epoch'] else 'no'} | {r['samples']:,} | "
-                         f"{r['train_s']:.1f} | {r['train_samples_per_s']:,.1f} | {r['test_error_percent']:.2f} % | "
-                         f"{r['test_s']:.1f} |")
+            lines.append(
+                f"| {r['epoch']} | {'yes' if r['complete_epoch'] else 'no'} | {r['samples']:,} | "
+                f"{r['train_s']:.1f} | {r['train_samples_per_s']:,.1f} | {r['test_error_percent']:.2f} % | "
+                f"{r['test_s']:.1f} |"
+            )
     for part in ("throughput", "parity", "train"):
         if report[part]["status"] != "ok":
             tail = report[part].get("stderr_tail", report[part].get("reason", ""))[-800:]
-            lines += ["", f"Part `{part}`: {report[part]['status']} (exit {report[part].get('returncode')}):",
-                      "", "```", tail, "```"]
+            lines += [
+                "",
+                f"Part `{part}`: {report[part]['status']} (exit {report[part].get('returncode')}):",
+                "",
+                "```",
+                tail,
+                "```",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -506,8 +694,12 @@ def main() -> None:
 
     budget = Budget(args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"device": args.device, "quick": args.quick, "budget_s": args.budget,
-                              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    report: dict[str, Any] = {
+        "device": args.device,
+        "quick": args.quick,
+        "budget_s": args.budget,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     report["machine"] = machine_info()
     print("machine:", json.dumps(report["machine"]), flush=True)
     if args.device == "cuda" and not report["machine"]["cuda_available"]:

@@ -81,22 +81,24 @@ def main() -> None:
     labels = torch.randint(0, 10, (60_000,))
     data = TensorPairDataset(images, labels)
     per_int = DataLoader(data, batch_size=args.batch, sampler=EpochShuffleSampler(60_000, 0), collate_fn=keep_batch)
-    sliced = DataLoader(data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(60_000, 0), args.batch),
-                        collate_fn=keep_batch)
+    sliced = DataLoader(
+        data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(60_000, 0), args.batch), collate_fn=keep_batch
+    )
     n_batches = len(sliced)
     out = {
         "relaxation phases (drive, T free, K nudged steps)": clock(phases, 10, args.repeats),
         "one step (net.step)": clock(lambda: net.step(free, drive), 500, args.repeats),
         "  addmm to the hidden layer": clock(lambda: torch.addmm(drive.first, s2, w1, alpha=4.0), 500, args.repeats),
-        "  addmm to the output layer": clock(lambda: torch.addmm(drive.biases[0], s1, w1.T, alpha=4.0), 500,
-                                             args.repeats),
+        "  addmm to the output layer": clock(
+            lambda: torch.addmm(drive.biases[0], s1, w1.T, alpha=4.0), 500, args.repeats
+        ),
         "  sigmoid_ hidden layer": clock(lambda: s1.clone().sigmoid_(), 500, args.repeats),
         "input drive (W_0 x once per batch)": clock(lambda: net.drive(x), 100, args.repeats),
         "EP surrogate + backward": clock(update, 20, args.repeats),
         "SGD step (4 tensors)": clock(optimizer.step, 100, args.repeats),
         "divergence guard sums (weights, states, gradients)": clock(
-            lambda: bool(torch.isfinite(_finite_summary(params + states + [p.grad for p in params]))), 100,
-            args.repeats),
+            lambda: bool(torch.isfinite(_finite_summary(params + states + [p.grad for p in params]))), 100, args.repeats
+        ),
         "  of which the weights": clock(lambda: bool(torch.isfinite(_finite_summary(params))), 100, args.repeats),
         "batch fetch, per-sample int sampler": clock(lambda: sum(1 for _ in per_int) / n_batches, 1, 3),
         "batch fetch, permutation slices": clock(lambda: sum(1 for _ in sliced) / n_batches, 1, 3),

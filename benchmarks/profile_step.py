@@ -101,12 +101,37 @@ def build(args: argparse.Namespace, batches: int) -> Any:
         key, value = item.split("=", 1)
         overrides += [f"--{key}", value]
     return cli_main(
-        ["--config", args.config, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.callbacks", "[]",
-         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(batches),
-         "--trainer.limit_val_batches", "0", "--test_after_fit", "false",
-         "--trainer.default_root_dir", "/tmp/ep_profile", "--threads", str(torch.get_num_threads()), *overrides],
+        [
+            "--config",
+            args.config,
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            str(batches),
+            "--trainer.limit_val_batches",
+            "0",
+            "--test_after_fit",
+            "false",
+            "--trainer.default_root_dir",
+            "/tmp/ep_profile",
+            "--threads",
+            str(torch.get_num_threads()),
+            *overrides,
+        ],
         run=False,
     )
 
@@ -118,12 +143,21 @@ def lightning_pass(args: argparse.Namespace) -> tuple[dict[str, float], list[str
     found: list[str] = []
     import ep_lightning.systems.base as system_module
 
-    for attr, name in (("ep_surrogate", "EP surrogate (contrast)"), ("check_training_step", "divergence guard"),
-                       ("bptt_loss", "BPTT loss")):
+    for attr, name in (
+        ("ep_surrogate", "EP surrogate (contrast)"),
+        ("check_training_step", "divergence guard"),
+        ("bptt_loss", "BPTT loss"),
+    ):
         wrap_attr(system_module, attr, name, found)
-    for attr, name in (("training_step", "training_step (total)"), ("phases", "relaxation phases"),
-                       ("manual_backward", "manual_backward"), ("optimizers", "self.optimizers()"),
-                       ("log", "self.log"), ("start_state", "initial state"), ("nudging_pair", "nudging pair")):
+    for attr, name in (
+        ("training_step", "training_step (total)"),
+        ("phases", "relaxation phases"),
+        ("manual_backward", "manual_backward"),
+        ("optimizers", "self.optimizers()"),
+        ("log", "self.log"),
+        ("start_state", "initial state"),
+        ("nudging_pair", "nudging pair"),
+    ):
         wrap_attr(module, attr, name, found)
     net = inner_network(module)
     for attr, name in (("encode_target", "encode target"), ("output", "output"), ("cost", "cost (loss metric)")):
@@ -147,7 +181,9 @@ def lightning_pass(args: argparse.Namespace) -> tuple[dict[str, float], list[str
     n = len(clock.in_batch)
     ms = {k: 1e3 * v / n for k, v in TIMES.items()}
     ms["batch, hook to hook"] = 1e3 * sum(clock.in_batch) / n
-    ms["loop between batches (fetch, transfer, progress, hooks)"] = 1e3 * sum(clock.between) / max(len(clock.between), 1)
+    ms["loop between batches (fetch, transfer, progress, hooks)"] = (
+        1e3 * sum(clock.between) / max(len(clock.between), 1)
+    )
     ms["batch, median hook to hook"] = 1e3 * statistics.median(clock.in_batch)
     return ms, found, cli
 
@@ -180,8 +216,13 @@ def bare_pass(args: argparse.Namespace, cli: Any) -> dict[str, float]:
         optimizer.step()
         t4 = time.perf_counter()
         if i >= args.warmup:  # the first warm-up batches are repeated at the end so every batch is timed once
-            for key, dt in (("relaxation", t1 - t0), ("surrogate", t2 - t1), ("backward", t3 - t2), ("step", t4 - t3),
-                            ("total", t4 - t0)):
+            for key, dt in (
+                ("relaxation", t1 - t0),
+                ("surrogate", t2 - t1),
+                ("backward", t3 - t2),
+                ("step", t4 - t3),
+                ("total", t4 - t0),
+            ):
                 times[key] += dt
     n = len(batches) + min(args.warmup, len(batches)) - args.warmup
     return {k: 1e3 * v / max(n, 1) for k, v in times.items()}
@@ -212,9 +253,13 @@ def relaxation_pass(args: argparse.Namespace, cli: Any) -> dict[str, Any]:
     top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     steps = module.T + module.K if hasattr(module, "K") else None
     return {
-        "wall_ms": 1e3 * wall, "aten_self_ms": self_us / 1e3, "steps": steps,
-        "top_ops": [{"op": e.key, "ms_per_batch": e.self_cpu_time_total / reps / 1e3, "calls_per_batch": e.count / reps}
-                    for e in top],
+        "wall_ms": 1e3 * wall,
+        "aten_self_ms": self_us / 1e3,
+        "steps": steps,
+        "top_ops": [
+            {"op": e.key, "ms_per_batch": e.self_cpu_time_total / reps / 1e3, "calls_per_batch": e.count / reps}
+            for e in top
+        ],
     }
 
 
@@ -251,9 +296,14 @@ def update_pass(args: argparse.Namespace, cli: Any) -> dict[str, Any]:
             update()
     ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
-    return {"wall_ms": 1e3 * wall, "aten_self_ms": sum(e.self_cpu_time_total for e in ops) / reps / 1e3,
-            "top_ops": [{"op": e.key, "ms_per_batch": e.self_cpu_time_total / reps / 1e3,
-                         "calls_per_batch": e.count / reps} for e in top]}
+    return {
+        "wall_ms": 1e3 * wall,
+        "aten_self_ms": sum(e.self_cpu_time_total for e in ops) / reps / 1e3,
+        "top_ops": [
+            {"op": e.key, "ms_per_batch": e.self_cpu_time_total / reps / 1e3, "calls_per_batch": e.count / reps}
+            for e in top
+        ],
+    }
 
 
 def main() -> None:
@@ -274,7 +324,9 @@ def main() -> None:
     relax = relaxation_pass(args, cli)
     upd = update_pass(args, cli)
 
-    total = lightning_ms["batch, hook to hook"] + lightning_ms["loop between batches (fetch, transfer, progress, hooks)"]
+    total = (
+        lightning_ms["batch, hook to hook"] + lightning_ms["loop between batches (fetch, transfer, progress, hooks)"]
+    )
     print(f"{args.config} {' '.join(args.set)}: {args.batches} batches, 1 thread = {torch.get_num_threads() == 1}")
     print(f"{'piece':58s} {'ms/batch':>9s}")
     print(f"{'whole batch (end of one to end of next)':58s} {total:9.3f}")
@@ -296,8 +348,18 @@ def main() -> None:
         print(f"  {'aten operators, self CPU time (profiler overhead included)':56s} {upd['aten_self_ms']:9.3f}")
         for op in upd["top_ops"]:
             print(f"    {op['op']:54s} {op['ms_per_batch']:9.3f}  ({op['calls_per_batch']:.0f} calls)")
-    result = {"config": args.config, "overrides": args.set, "batches": args.batches, "lightning_ms": lightning_ms,
-              "timed": found, "bare_loop_ms": bare_ms, "relaxation": relax, "update": upd, "whole_batch_ms": total, **machine()}
+    result = {
+        "config": args.config,
+        "overrides": args.set,
+        "batches": args.batches,
+        "lightning_ms": lightning_ms,
+        "timed": found,
+        "bare_loop_ms": bare_ms,
+        "relaxation": relax,
+        "update": upd,
+        "whole_batch_ms": total,
+        **machine(),
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

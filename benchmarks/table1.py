@@ -30,8 +30,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {  # Ernoult et al. 2019, Table 1: test error (%) EP / BPTT, epochs
-    "p1h": ("2.00", "2.00", 30), "p2h": ("1.95", "2.09", 50), "p3h": ("2.01", "2.30", 100),
-    "eb1h": ("2.06", "2.11", 30), "eb2h": ("2.01", "2.02", 50), "pconv": ("1.02", "0.88", 40),
+    "p1h": ("2.00", "2.00", 30),
+    "p2h": ("1.95", "2.09", 50),
+    "p3h": ("2.01", "2.30", 100),
+    "eb1h": ("2.06", "2.11", 30),
+    "eb2h": ("2.01", "2.02", 50),
+    "pconv": ("1.02", "0.88", 40),
 }
 #: Ten classes: a network collapsed to one class scores ≈ 10 %; below 15 % a run counts as diverged.
 CHANCE_ACC = 0.15
@@ -61,7 +65,7 @@ def train_images(config: str, train_subset: int | None) -> int:
     """Training images of a run: ``train_subset`` if given, else 60k minus the config's validation split."""
     if train_subset:
         return train_subset
-    data = (yaml.safe_load((ROOT / "configs" / "mnist" / f"{config}.yaml").read_text()).get("data") or {})
+    data = yaml.safe_load((ROOT / "configs" / "mnist" / f"{config}.yaml").read_text()).get("data") or {}
     return MNIST_TRAIN - int((data.get("init_args") or {}).get("val_size", 0) or 0)
 
 
@@ -85,9 +89,23 @@ def classify(returncode: int | None, output: str) -> tuple[float | None, bool, s
 
 
 def command(config: str, seed: int, args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "train.py", "fit", "--config", f"configs/mnist/{config}.yaml", "--seed_everything",
-           str(seed), "--trainer.max_epochs", str(args.epochs), "--trainer.enable_progress_bar", "false",
-           "--trainer.logger.init_args.save_dir", str(args.out), "--trainer.logger.init_args.name", f"{config}_s{seed}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        f"configs/mnist/{config}.yaml",
+        "--seed_everything",
+        str(seed),
+        "--trainer.max_epochs",
+        str(args.epochs),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(args.out),
+        "--trainer.logger.init_args.name",
+        f"{config}_s{seed}",
+    ]
     if args.accelerator:
         cmd += ["--trainer.accelerator", args.accelerator, "--trainer.devices", "1"]
     if args.train_subset:
@@ -131,9 +149,12 @@ def run_all(runs: list[Run], jobs: int, epochs: int, timeout: float | None) -> f
             run.test_acc, run.diverged, run.reason = classify(returncode, output)
             run.test_error = round(100 * (1 - run.test_acc), 2) if run.test_acc is not None else None
             run.samples_per_s = round(run.train_images * epochs / elapsed, 1) if returncode == 0 else None
-            print(f"  {run.config} seed {run.seed}: "
-                  f"{'diverged (' + run.reason + ')' if run.diverged else f'{run.test_error:.2f} %'}, "
-                  f"{run.seconds:.0f} s", flush=True)
+            print(
+                f"  {run.config} seed {run.seed}: "
+                f"{'diverged (' + run.reason + ')' if run.diverged else f'{run.test_error:.2f} %'}, "
+                f"{run.seconds:.0f} s",
+                flush=True,
+            )
     return time.perf_counter() - start_all
 
 
@@ -145,35 +166,55 @@ def summarize(runs: list[Run], wall: float, epochs: int) -> dict[str, dict]:
         errors = [r.test_error for r in mine if not r.diverged and r.test_error is not None]
         trained = sum(r.train_images * epochs for r in mine if r.returncode == 0)
         out[config] = {
-            "runs": len(mine), "seeds": [r.seed for r in mine], "diverged": sum(r.diverged for r in mine),
+            "runs": len(mine),
+            "seeds": [r.seed for r in mine],
+            "diverged": sum(r.diverged for r in mine),
             "test_error_mean": round(statistics.mean(errors), 2) if errors else None,
             "test_error_std": round(statistics.stdev(errors), 2) if len(errors) > 1 else None,
             "samples_per_s_per_run": [r.samples_per_s for r in mine],
             "seconds_per_run": [r.seconds for r in mine],
             "trained_samples": trained,
         }
-    out["_all"] = {"wall_s": round(wall, 1), "aggregate_samples_per_s": round(
-        sum(v["trained_samples"] for v in out.values()) / wall, 1) if wall > 0 else None}
+    out["_all"] = {
+        "wall_s": round(wall, 1),
+        "aggregate_samples_per_s": round(sum(v["trained_samples"] for v in out.values()) / wall, 1)
+        if wall > 0
+        else None,
+    }
     return out
 
 
 def markdown(runs: list[Run], summary: dict, args: argparse.Namespace) -> str:
     subset = f" on {args.train_subset} images" if args.train_subset else ""
-    head = (f"Epochs: {args.epochs}{subset}; seeds {' '.join(map(str, args.seeds))}; {args.jobs} run(s) at once; "
-            f"wall time {summary['_all']['wall_s']:.0f} s; aggregate {summary['_all']['aggregate_samples_per_s']:,} "
-            "samples/s (all runs together, whole commands).")
-    lines = [head, "",
-             "| config | paper test error (epochs) | ours: test error, mean ± std | seeds | diverged | samples/s per run |",
-             "|---|---|---|---|---|---|"]
+    head = (
+        f"Epochs: {args.epochs}{subset}; seeds {' '.join(map(str, args.seeds))}; {args.jobs} run(s) at once; "
+        f"wall time {summary['_all']['wall_s']:.0f} s; aggregate {summary['_all']['aggregate_samples_per_s']:,} "
+        "samples/s (all runs together, whole commands)."
+    )
+    lines = [
+        head,
+        "",
+        "| config | paper test error (epochs) | ours: test error, mean ± std | seeds | diverged | samples/s per run |",
+        "|---|---|---|---|---|---|",
+    ]
     for config, s in summary.items():
         if config == "_all":
             continue
         model, algorithm = config.rsplit("_", 1) if "_" in config else (config, "")
         paper = PAPER.get(model)
-        paper_txt = f"{paper[0] if algorithm == 'ep' else paper[1]} % ({paper[2]})" if paper and algorithm in (
-            "ep", "bptt") else "—"
-        err = "—" if s["test_error_mean"] is None else (
-            f"{s['test_error_mean']:.2f} %" + (f" ± {s['test_error_std']:.2f}" if s["test_error_std"] is not None else ""))
+        paper_txt = (
+            f"{paper[0] if algorithm == 'ep' else paper[1]} % ({paper[2]})"
+            if paper and algorithm in ("ep", "bptt")
+            else "—"
+        )
+        err = (
+            "—"
+            if s["test_error_mean"] is None
+            else (
+                f"{s['test_error_mean']:.2f} %"
+                + (f" ± {s['test_error_std']:.2f}" if s["test_error_std"] is not None else "")
+            )
+        )
         rates = ", ".join("—" if r is None else f"{r:,.0f}" for r in s["samples_per_s_per_run"])
         lines.append(f"| {config} | {paper_txt} | {err} | {len(s['seeds'])} | {s['diverged']} | {rates} |")
     diverged = [r for r in runs if r.diverged]
@@ -199,14 +240,27 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--jobs={args.jobs} is invalid: use 1 or more runs at once")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [Run(config, seed, train_images(config, args.train_subset), str(args.out / f"{config}_s{seed}.log"),
-                command=command(config, seed, args)) for config in args.configs for seed in args.seeds]
+    runs = [
+        Run(
+            config,
+            seed,
+            train_images(config, args.train_subset),
+            str(args.out / f"{config}_s{seed}.log"),
+            command=command(config, seed, args),
+        )
+        for config in args.configs
+        for seed in args.seeds
+    ]
     print(f"{len(runs)} runs, {args.jobs} at once", flush=True)
     wall = run_all(runs, args.jobs, args.epochs, args.timeout)
     summary = summarize(runs, wall, args.epochs)
     table = markdown(runs, summary, args)
-    (args.out / "table1.json").write_text(json.dumps({"runs": [asdict(r) for r in runs], "summary": summary,
-                                                       "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+    (args.out / "table1.json").write_text(
+        json.dumps(
+            {"runs": [asdict(r) for r in runs], "summary": summary, "args": {k: str(v) for k, v in vars(args).items()}},
+            indent=1,
+        )
+    )
     (args.out / "table1.md").write_text(table)
     print(table)
     return summary

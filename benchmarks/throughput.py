@@ -107,7 +107,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    info = {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -122,7 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_batches", type=int, default=5, help="timed evaluation batches (eval_batch_size each)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no_malloc_tuning", action="store_true", help="leave glibc's allocator thresholds as they are")
+    parser.add_argument(
+        "--no_malloc_tuning", action="store_true", help="leave glibc's allocator thresholds as they are"
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra CLI overrides key=value, e.g. model.init_args.T=40")
     return parser.parse_args(argv)
 
@@ -138,14 +145,39 @@ def measure(args: argparse.Namespace) -> dict:
         overrides += [f"--{key}", value]
     train_batches = args.warmup + args.batches
     cli = cli_main(
-        ["--config", args.config, "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.accelerator", args.device, "--trainer.devices", "1", "--trainer.callbacks", "[]",
-         "--trainer.max_epochs", "1",
-         "--trainer.limit_train_batches", str(train_batches), "--trainer.limit_val_batches", "0",
-         "--trainer.limit_test_batches", str(args.eval_batches + 1),
-         "--trainer.default_root_dir", "/tmp/ep_benchmark", "--threads", str(torch.get_num_threads()),
-         "--malloc_tuning", str(malloc_tuned).lower(), *overrides],
+        [
+            "--config",
+            args.config,
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.accelerator",
+            args.device,
+            "--trainer.devices",
+            "1",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            str(train_batches),
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.limit_test_batches",
+            str(args.eval_batches + 1),
+            "--trainer.default_root_dir",
+            "/tmp/ep_benchmark",
+            "--threads",
+            str(torch.get_num_threads()),
+            "--malloc_tuning",
+            str(malloc_tuned).lower(),
+            *overrides,
+        ],
         run=False,
     )
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
@@ -210,9 +242,11 @@ def main() -> None:
     sys.argv = sys.argv[:1]  # the CLI below gets its arguments explicitly
     result = measure(args)
     train_rate, act_mb = result["train_samples_per_s"], result["activation_mb"]
-    print(f"{args.config}: train {train_rate:,.0f} samples/s ({result['epoch_s']:.1f} s/epoch, "
-          f"{result['train_ms_per_batch']:.3f} ms/batch), eval {result['eval_samples_per_s']:,.0f} samples/s, "
-          f"activations {'n/a' if act_mb is None else f'{act_mb:.2f} MB'}, peak {result['peak_mem_mb']:.0f} MB")
+    print(
+        f"{args.config}: train {train_rate:,.0f} samples/s ({result['epoch_s']:.1f} s/epoch, "
+        f"{result['train_ms_per_batch']:.3f} ms/batch), eval {result['eval_samples_per_s']:,.0f} samples/s, "
+        f"activations {'n/a' if act_mb is None else f'{act_mb:.2f} MB'}, peak {result['peak_mem_mb']:.0f} MB"
+    )
     print(json.dumps(result))
 
 

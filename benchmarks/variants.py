@@ -10,7 +10,8 @@ grid resumes) and writes the table next to it. Prints, never asserts.
 
     export OMP_NUM_THREADS=1
     python benchmarks/variants.py --archs p1h --epochs 3 --out /tmp/variants.json
-    python benchmarks/variants.py --archs pconv --epochs 1 --train-subset 5000 --test-subset 2000 --out /tmp/variants.json
+    python benchmarks/variants.py --archs pconv --epochs 1 --train-subset 5000 --test-subset 2000 \
+        --out /tmp/variants.json
     python benchmarks/variants.py --report-only --out /tmp/variants.json
     python benchmarks/variants.py --timing --archs p1h pconv      # ms per training batch, variants interleaved
 
@@ -60,15 +61,36 @@ class EpochTimer(L.Callback):
 def run_cell(arch: str, nudging: str, readout: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train one cell and test it; returns the record for the table."""
     overrides = [
-        "--config", str(CONFIGS[arch]),
-        "--model.init_args.nudging", nudging,
-        "--model.init_args.net.init_args.readout", readout,
-        "--trainer.max_epochs", str(args.epochs),
-        "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(args.root), "--trainer.accelerator", "cpu",
-        "--data.data_dir", str(ROOT / "data"), "--seed_everything", str(args.seed),
-        "--threads", str(args.threads), "--test_after_fit", "false",
+        "--config",
+        str(CONFIGS[arch]),
+        "--model.init_args.nudging",
+        nudging,
+        "--model.init_args.net.init_args.readout",
+        readout,
+        "--trainer.max_epochs",
+        str(args.epochs),
+        "--trainer.logger",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.default_root_dir",
+        str(args.root),
+        "--trainer.accelerator",
+        "cpu",
+        "--data.data_dir",
+        str(ROOT / "data"),
+        "--seed_everything",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--test_after_fit",
+        "false",
     ]
     if args.train_subset:
         overrides += ["--data.train_subset", str(args.train_subset)]
@@ -83,12 +105,21 @@ def run_cell(arch: str, nudging: str, readout: str, args: argparse.Namespace) ->
     (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     module = cli.model
     return {
-        "arch": arch, "nudging": nudging, "readout": readout, "epochs": args.epochs, "seed": args.seed,
-        "train_images": len(cli.datamodule.train_set), "test_images": len(cli.datamodule.test_set),
-        "T": module.T, "K": module.K, "beta": module.beta, "lrs": module.lrs,
+        "arch": arch,
+        "nudging": nudging,
+        "readout": readout,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "train_images": len(cli.datamodule.train_set),
+        "test_images": len(cli.datamodule.test_set),
+        "T": module.T,
+        "K": module.K,
+        "beta": module.beta,
+        "lrs": module.lrs,
         "test_error": 100.0 * (1.0 - float(metrics["test/acc"])),
         "train_error": 100.0 * (1.0 - train_acc),
-        "epoch_s": sum(timer.times) / len(timer.times), "test_s": time.perf_counter() - start,
+        "epoch_s": sum(timer.times) / len(timer.times),
+        "test_s": time.perf_counter() - start,
         "threads": torch.get_num_threads(),
     }
 
@@ -99,13 +130,17 @@ def key(record: dict[str, Any]) -> tuple:
 
 def table(records: list[dict[str, Any]]) -> str:
     lines = [
-        "| net | nudging | readout | epochs | train images | test images | test error (%) | train error (%) | time / epoch (s) |",
+        (
+            "| net | nudging | readout | epochs | train images | test images | test error (%) | train error (%) "
+            "| time / epoch (s) |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     order = {n: i for i, n in enumerate(NUDGINGS)}
     for r in sorted(records, key=lambda r: (r["arch"], r["readout"], order[r["nudging"]])):
         lines.append(
-            f"| {'P-1h' if r['arch'] == 'p1h' else 'P-conv'} | {r['nudging'].replace('_', '-')} | {r['readout'].upper()} "
+            f"| {'P-1h' if r['arch'] == 'p1h' else 'P-conv'} | {r['nudging'].replace('_', '-')} "
+            f"| {r['readout'].upper()} "
             f"| {r['epochs']} | {r['train_images']:,} | {r['test_images']:,} | {r['test_error']:.2f} "
             f"| {r['train_error']:.2f} | {r['epoch_s']:.1f} |"
         )
@@ -166,8 +201,11 @@ def main() -> None:
         print("| net | readout | nudging | ms / batch of 20 (median) |\n|---|---|---|---|")
         for arch in args.archs:
             for r in time_variants(arch, args):
-                print(f"| {'P-1h' if arch == 'p1h' else 'P-conv'} | {r['readout'].upper()} "
-                      f"| {r['nudging'].replace('_', '-')} | {r['ms_per_batch']:.1f} |", flush=True)
+                print(
+                    f"| {'P-1h' if arch == 'p1h' else 'P-conv'} | {r['readout'].upper()} "
+                    f"| {r['nudging'].replace('_', '-')} | {r['ms_per_batch']:.1f} |",
+                    flush=True,
+                )
         return
 
     records: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out and args.out.exists() else []
@@ -175,11 +213,20 @@ def main() -> None:
         for arch in args.archs:
             for readout in args.readouts:
                 for nudging in args.nudgings:
-                    probe = {"arch": arch, "nudging": nudging, "readout": readout, "epochs": args.epochs,
-                             "seed": args.seed}
-                    cached = [r for r in records if all(r[k] == v for k, v in probe.items())
-                              and (args.train_subset is None or r["train_images"] == args.train_subset)
-                              and (args.test_subset is None or r["test_images"] == args.test_subset)]
+                    probe = {
+                        "arch": arch,
+                        "nudging": nudging,
+                        "readout": readout,
+                        "epochs": args.epochs,
+                        "seed": args.seed,
+                    }
+                    cached = [
+                        r
+                        for r in records
+                        if all(r[k] == v for k, v in probe.items())
+                        and (args.train_subset is None or r["train_images"] == args.train_subset)
+                        and (args.test_subset is None or r["test_images"] == args.test_subset)
+                    ]
                     if cached:
                         continue
                     record = run_cell(arch, nudging, readout, args)

@@ -377,7 +377,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
 
 
 def _signal_handlers() -> dict[int, Any]:
-    return {s: signal.getsignal(s) for s in STOP_SIGNALS} if threading.current_thread() is threading.main_thread() else {}
+    return (
+        {s: signal.getsignal(s) for s in STOP_SIGNALS} if threading.current_thread() is threading.main_thread() else {}
+    )
 
 
 def _restore_signal_handlers(handlers: dict[int, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Opt-in compilation of a training step's relaxation phases (``EPSystem.phases``, ``model.compile_relaxation: true``)."""
+"""Opt-in compilation of a training step's relaxation phases (``EPSystem.phases``; ``model.compile_relaxation``)."""
 
 from __future__ import annotations
 

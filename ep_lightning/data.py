@@ -56,7 +56,9 @@ def read_idx_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataFileError(f"data file {path} is corrupt or truncated ({err}); replace it with the official file") from err
+        raise DataFileError(
+            f"data file {path} is corrupt or truncated ({err}); replace it with the official file"
+        ) from err
 
 
 def parse_idx(raw: bytes, path: Path) -> Tensor:

@@ -101,8 +101,7 @@ def ep_updates(
     states = trace.states  # s^β_0 = s*, …, s^β_K
     scale = beta * float(model.nudge_scale)
     neurons = [
-        torch.stack([(states[t + 1][n] - states[t][n]).mean(dim=0) for t in range(K)]) / scale
-        for n in range(len(free))
+        torch.stack([(states[t + 1][n] - states[t][n]).mean(dim=0) for t in range(K)]) / scale for n in range(len(free))
     ]
     with torch.enable_grad():
         dphi = [
@@ -171,9 +170,7 @@ def bptt_gradients(
     return neurons, weights
 
 
-def gdu_check(
-    model: EnergyModel, x: Tensor, labels_or_target: Tensor, T: int, K: int, beta: float
-) -> GDUResult:
+def gdu_check(model: EnergyModel, x: Tensor, labels_or_target: Tensor, T: int, K: int, beta: float) -> GDUResult:
     """Free phase (T steps) then EP updates and BPTT gradients for t = 0 … K−1 on one batch.
 
     ``labels_or_target``: class indices (B,) or an already-encoded target shaped like the output layer.
@@ -215,7 +212,9 @@ def gdu_settings(system: L.LightningModule, T: int | None, K: int | None, beta: 
             f"use e.g. ep_lightning.systems.EquilibriumModule"
         )
     return (
-        int(system.T if T is None else T), int(system.K if K is None else K), float(system.beta if beta is None else beta)
+        int(system.T if T is None else T),
+        int(system.K if K is None else K),
+        float(system.beta if beta is None else beta),
     )
 
 

@@ -12,9 +12,9 @@ class EpochMeans:
     """Sample-weighted epoch means of named quantities: mean_k = Σ_batches sum_k / Σ_batches count.
 
     ``update(count, loss=Σ_i ℓ_i, correct=Σ_i [ŷ_i = y_i], …)`` adds one batch's sums with one stack and one in-place
-    add, and no host synchronisation (cheaper than a ``self.log`` or a torchmetrics update per step). ``compute`` sums the totals over DDP ranks (``strategy.reduce``)
-    and divides by the total count: exact means over every sample of every rank, not a mean of rank means.
-    The names must be the same at every update of an epoch.
+    add, and no host synchronisation (cheaper than a ``self.log`` or a torchmetrics update per step). ``compute``
+    sums the totals over DDP ranks (``strategy.reduce``) and divides by the total count: exact means over every
+    sample of every rank, not a mean of rank means. The names must be the same at every update of an epoch.
     """
 
     def __init__(self) -> None:

@@ -99,17 +99,22 @@ class EPTrainer(L.Trainer):
             raise ValueError(f"gdu: the {split!r} dataloader yielded no batch")
         metrics = average_metrics(per_batch)
         settings = {
-            "T": T_, "K": K_, "beta": beta_, "batches": len(per_batch), "batch_size": int(x.shape[0]),
-            "split": split, "float64": float64, "ckpt_path": ckpt_path, "model": type(network).__name__,
+            "T": T_,
+            "K": K_,
+            "beta": beta_,
+            "batches": len(per_batch),
+            "batch_size": int(x.shape[0]),
+            "split": split,
+            "float64": float64,
+            "ckpt_path": ckpt_path,
+            "model": type(network).__name__,
             "nudge_scale": float(network.nudge_scale),
         }
         if self.is_global_zero:
             self._write_gdu(first, metrics, per_batch, settings, units, seed, out_dir)
         return metrics
 
-    def _gdu_loader(
-        self, dataloaders: DataLoader | None, datamodule: L.LightningDataModule | None, split: str
-    ) -> Any:
+    def _gdu_loader(self, dataloaders: DataLoader | None, datamodule: L.LightningDataModule | None, split: str) -> Any:
         """The loader to draw batches from: ``dataloaders`` if given, else the datamodule's ``split`` loader."""
         if dataloaders is not None:
             return dataloaders
@@ -117,7 +122,11 @@ class EPTrainer(L.Trainer):
             raise ValueError("gdu: give `dataloaders` or `datamodule` to draw batches from")
         datamodule.prepare_data()
         datamodule.setup("test" if split == "test" else "fit")
-        return {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader, "test": datamodule.test_dataloader}[split]()
+        return {
+            "train": datamodule.train_dataloader,
+            "val": datamodule.val_dataloader,
+            "test": datamodule.test_dataloader,
+        }[split]()
 
     def _write_gdu(
         self,
@@ -135,10 +144,19 @@ class EPTrainer(L.Trainer):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        folder = Path(out_dir or (self.loggers[0].log_dir if self.loggers and self.loggers[0].log_dir else
-                                  os.path.join(self.default_root_dir, "gdu")))
+        folder = Path(
+            out_dir
+            or (
+                self.loggers[0].log_dir
+                if self.loggers and self.loggers[0].log_dir
+                else os.path.join(self.default_root_dir, "gdu")
+            )
+        )
         folder.mkdir(parents=True, exist_ok=True)
-        figures = {"gdu/curves": gdu_curves_figure(result, units=units, seed=seed), "gdu/rmse": gdu_rmse_figure(metrics)}
+        figures = {
+            "gdu/curves": gdu_curves_figure(result, units=units, seed=seed),
+            "gdu/rmse": gdu_rmse_figure(metrics),
+        }
         for logger in self.loggers:
             logger.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)}, step=0)
             if isinstance(logger, TensorBoardLogger):
@@ -148,9 +166,18 @@ class EPTrainer(L.Trainer):
         for tag, fig in figures.items():
             fig.savefig(folder / f"gdu_{tag.split('/')[1]}.png", dpi=120)
             plt.close(fig)
-        payload = {"settings": settings, "metrics": metrics, "per_batch": per_batch,
-                   "free_residual": result.free_residual}
+        payload = {
+            "settings": settings,
+            "metrics": metrics,
+            "per_batch": per_batch,
+            "free_residual": result.free_residual,
+        }
         (folder / "gdu.json").write_text(json.dumps(payload, indent=2, allow_nan=True))
-        rank_zero_info(f"GDU check written to {folder}: " + ", ".join(
-            f"{k.split('/', 1)[1]}={v:.4g}" for k, v in metrics.items() if "/sign/weights/" in k or "/cosine/weights/" in k
-        ))
+        rank_zero_info(
+            f"GDU check written to {folder}: "
+            + ", ".join(
+                f"{k.split('/', 1)[1]}={v:.4g}"
+                for k, v in metrics.items()
+                if "/sign/weights/" in k or "/cosine/weights/" in k
+            )
+        )

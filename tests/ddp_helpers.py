@@ -69,7 +69,9 @@ class RecordRun(L.Callback):
         self.out_dir = str(out_dir)
         self.sample_ids: list[list[int]] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.sample_ids.append(sample_ids(batch[0], len(trainer.train_dataloader.dataset)))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -22,19 +22,43 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          check=False, env=ENV)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False, env=ENV
+    )
 
 
 @pytest.mark.parametrize(("config", "steps"), [("p1h_ep", (3, 2)), ("p1h_bptt", (3, 2)), ("iep_1h", (2, 2))])
 def test_throughput_prints_the_documented_json_keys(config: str, steps: tuple[int, int]) -> None:
     path = f"configs/mnist/{config}.yaml"
-    result = run_script(["benchmarks/throughput.py", "--config", path, "--batches", "3", "--warmup", "1",
-                         "--eval_batches", "1", "--set", *TINY, *step_overrides(path, *steps)], timeout=300)
+    result = run_script(
+        [
+            "benchmarks/throughput.py",
+            "--config",
+            path,
+            "--batches",
+            "3",
+            "--warmup",
+            "1",
+            "--eval_batches",
+            "1",
+            "--set",
+            *TINY,
+            *step_overrides(path, *steps),
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ("train_samples_per_s", "train_ms_per_batch", "eval_samples_per_s", "epoch_s", "peak_mem_mb", "cpu",
-                "threads", "torch"):
+    for key in (
+        "train_samples_per_s",
+        "train_ms_per_batch",
+        "eval_samples_per_s",
+        "epoch_s",
+        "peak_mem_mb",
+        "cpu",
+        "threads",
+        "torch",
+    ):
         assert key in line, key
     assert line["train_samples_per_s"] > 0 and line["eval_samples_per_s"] > 0
     assert (line["T"], line["K"]) == steps
@@ -47,8 +71,10 @@ def test_throughput_prints_the_documented_json_keys(config: str, steps: tuple[in
 def test_device_check_quick_runs_every_part_and_writes_json_and_markdown(tmp_path: Path) -> None:
     """``--quick`` on the CPU: every part runs (CUDA tests skipped without CUDA, compilation where a C++ compiler
     exists) and lands in one JSON and one Markdown file; no part fails."""
-    result = run_script(["benchmarks/device_check.py", "--quick", "--device", "cpu", "--budget", "150", "--out",
-                         str(tmp_path)], timeout=400)
+    result = run_script(
+        ["benchmarks/device_check.py", "--quick", "--device", "cpu", "--budget", "150", "--out", str(tmp_path)],
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert report["machine"]["torch"] == torch.__version__
@@ -59,7 +85,11 @@ def test_device_check_quick_runs_every_part_and_writes_json_and_markdown(tmp_pat
     rows = report["throughput"]["records"]
     assert {r["system"] for r in rows if r["status"] == "ok"} == {"P-1h", "EB-1h", "P-conv", "IEP-1h"}, rows
     assert {(r["compile"], r["resident"]) for r in rows if r["system"] == "P-1h"} == {
-        (False, True), (True, True), (False, False), (True, False)}
+        (False, True),
+        (True, True),
+        (False, False),
+        (True, False),
+    }
     assert all(r["status"] in ("ok", "skipped") for r in rows), rows
     for r in report["parity"]["records"]:
         assert r["status"] == "ok" or (r["status"] == "skipped" and r["reason"]), r
@@ -72,9 +102,32 @@ def test_device_check_quick_runs_every_part_and_writes_json_and_markdown(tmp_pat
 def test_table1_runs_seeds_concurrently_and_reports_mean_std_and_divergence(tmp_path: Path) -> None:
     """Two seeds of P-1h as two concurrent train.py runs on 300 images: both finish, each has a test error, the
     summary has mean ± std over the two and counts diverged runs."""
-    result = run_script(["benchmarks/table1.py", "--configs", "p1h_ep", "--seeds", "0", "1", "--jobs", "2",
-                         "--train_subset", "300", "--test_subset", "100", "--accelerator", "cpu", "--timeout", "300",
-                         "--set", "model.init_args.T=10", "model.init_args.K=4", "--out", str(tmp_path)], timeout=400)
+    result = run_script(
+        [
+            "benchmarks/table1.py",
+            "--configs",
+            "p1h_ep",
+            "--seeds",
+            "0",
+            "1",
+            "--jobs",
+            "2",
+            "--train_subset",
+            "300",
+            "--test_subset",
+            "100",
+            "--accelerator",
+            "cpu",
+            "--timeout",
+            "300",
+            "--set",
+            "model.init_args.T=10",
+            "model.init_args.K=4",
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "table1.json").read_text())
     runs = data["runs"]
@@ -108,8 +161,20 @@ def test_table1_classifies_diverged_runs(returncode: int | None, output: str, di
 
 
 def test_profile_step_prints_the_breakdown() -> None:
-    result = run_script(["benchmarks/profile_step.py", "--batches", "4", "--warmup", "2", "--set", *TINY,
-                         "model.init_args.T=3", "model.init_args.K=2"], timeout=300)
+    result = run_script(
+        [
+            "benchmarks/profile_step.py",
+            "--batches",
+            "4",
+            "--warmup",
+            "2",
+            "--set",
+            *TINY,
+            "model.init_args.T=3",
+            "model.init_args.K=2",
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["whole_batch_ms"] > 0

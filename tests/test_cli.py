@@ -15,12 +15,18 @@ from ep_lightning.cli import cli_main
 def _fit_args(config: Path, root: Path) -> list[str]:
     return [
         "fit",
-        "--config", str(config),
-        "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--data.train_subset", "2000",
-        "--data.test_subset", "1000",
+        "--config",
+        str(config),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        "--data.train_subset",
+        "2000",
+        "--data.test_subset",
+        "1000",
     ]
 
 
@@ -43,9 +49,19 @@ def test_short_training_run_learns_far_above_chance(algorithm: str, repo_root: P
 
     # `test --ckpt_path` rebuilds the module from the config and loads the weights: same accuracy.
     test_cli = cli_main(
-        ["test", "--config", str(log_dir / "config.yaml"), "--ckpt_path", str(log_dir / "checkpoints" / "last.ckpt"),
-         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-         "--trainer.default_root_dir", str(tmp_path / "test_run")]
+        [
+            "test",
+            "--config",
+            str(log_dir / "config.yaml"),
+            "--ckpt_path",
+            str(log_dir / "checkpoints" / "last.ckpt"),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path / "test_run"),
+        ]
     )
     assert test_cli.trainer.callback_metrics["test/acc"].item() == pytest.approx(accuracy, abs=1e-6)
 
@@ -53,7 +69,11 @@ def test_short_training_run_learns_far_above_chance(algorithm: str, repo_root: P
 def test_print_config_runs_as_a_subprocess(repo_root: Path) -> None:
     result = subprocess.run(
         [sys.executable, "train.py", "fit", "--config", "configs/mnist/p1h_ep.yaml", "--print_config"],
-        cwd=repo_root, capture_output=True, text=True, timeout=120, check=False,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "ep_lightning.models.PrototypicalNet" in result.stdout

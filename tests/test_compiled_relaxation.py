@@ -22,11 +22,20 @@ def train_two_steps(model: torch.nn.Module, compile_relaxation: bool, nudging: s
     torch.manual_seed(1)
     x, labels = torch.rand(8, 6), torch.arange(8) % 3
     module = EquilibriumModule(
-        model, T=6, K=3, beta=0.3, lrs=[0.1] * len(model.parameter_groups()), nudging=nudging,
+        model,
+        T=6,
+        K=3,
+        beta=0.3,
+        lrs=[0.1] * len(model.parameter_groups()),
+        nudging=nudging,
         compile_relaxation=compile_relaxation,
     )
     trainer = L.Trainer(
-        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         accelerator="cpu",
     )
     trainer.fit(module, DataLoader(TensorDataset(x, labels), batch_size=4))

@@ -53,27 +53,45 @@ def _contains(printed: object, raw: object) -> bool:
 def test_trains_two_batches(config: Path, tmp_path: Path) -> None:
     raw = yaml.safe_load(config.read_text())
     system_args = raw["model"]["init_args"]
-    overrides = [arg for key, value in SHORT.items() if key in system_args for arg in (f"--model.init_args.{key}", value)]
+    overrides = [
+        arg for key, value in SHORT.items() if key in system_args for arg in (f"--model.init_args.{key}", value)
+    ]
     cli = cli_main(
         [
             "fit",
-            "--config", str(config),
+            "--config",
+            str(config),
             *overrides,
-            "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", "2",
-            "--trainer.limit_val_batches", "2",  # "1" would parse as the float 1.0 = all batches
-            "--trainer.limit_test_batches", "2",
-            "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false",
-            "--trainer.accelerator", "cpu",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--data.data_dir", str(ROOT / "data"),
-            "--data.train_subset", "40",
-            "--data.test_subset", "40",
-            "--data.eval_batch_size", "40",
-            "--threads", "1",
-            "--test_after_fit", "false",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.limit_val_batches",
+            "2",  # "1" would parse as the float 1.0 = all batches
+            "--trainer.limit_test_batches",
+            "2",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.data_dir",
+            str(ROOT / "data"),
+            "--data.train_subset",
+            "40",
+            "--data.test_subset",
+            "40",
+            "--data.eval_batch_size",
+            "40",
+            "--threads",
+            "1",
+            "--test_after_fit",
+            "false",
         ]
     )
     trainer = cli.trainer
@@ -110,9 +128,20 @@ def test_defaults_load_from_any_working_directory(tmp_path: Path) -> None:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/mnist/p1h_ep.yaml"),
-         "--print_config"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "fit",
+            "--config",
+            str(ROOT / "configs/mnist/p1h_ep.yaml"),
+            "--print_config",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     printed = yaml.safe_load(result.stdout)

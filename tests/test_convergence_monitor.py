@@ -108,8 +108,16 @@ def fit(model: EnergyModel, callbacks: list, tmp_path: Path | None, epochs: int 
     module = EquilibriumModule(model.double(), **steps, beta=0.5, lrs=[0.05, 0.05])
     logger = TensorBoardLogger(str(tmp_path), name="run") if tmp_path is not None else False
     trainer = L.Trainer(
-        max_epochs=epochs, logger=logger, callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0, log_every_n_steps=1,
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
     )
     train, valid = loaders(shape=module_kw.pop("shape", (1, 4, 4)), val=val)
     trainer.fit(module, train_dataloaders=train, val_dataloaders=valid)
@@ -263,15 +271,21 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
     assert [e.step for e in runs["."].Scalars("convergence/free/steps_to_tol")] == [5, 11]
     assert [e.step for e in runs["."].Scalars("convergence/train/free/steps_to_tol")] == [0, 4, 8]
     assert set(main["images"]) == {
-        "convergence/relaxation", "convergence/output_trajectory", "convergence/train/relaxation",
+        "convergence/relaxation",
+        "convergence/output_trajectory",
+        "convergence/train/relaxation",
     }
     assert set(main["histograms"]) == (
         {f"states/{p}/{n}" for p in ("free", "nudged") for n in names}
         | {f"{kind}/synapses.{i}.{w}" for kind in ("weights", "ep_update") for i in (0, 1) for w in ("weight", "bias")}
     )
     T, K = module.T, module.K
-    curve_tags = {f"convergence/{p}/{kind}/{n}" for p in ("free", "nudged") for kind in ("residual", "log10_residual")
-                  for n in [*names, "whole_state"]}
+    curve_tags = {
+        f"convergence/{p}/{kind}/{n}"
+        for p in ("free", "nudged")
+        for kind in ("residual", "log10_residual")
+        for n in [*names, "whole_state"]
+    }
     curve_tags |= {"convergence/free/phi", "convergence/nudged/phi"}
     for epoch in (0, 1):
         run = runs[f"relaxation/epoch_{epoch:03d}"]
@@ -368,9 +382,17 @@ def test_monitor_does_not_change_training(tmp_path: Path) -> None:
 # --- configuration ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "field, value",
-    [("every_n_steps", -1), ("every_n_epochs", 1.5), ("max_samples", 0), ("tolerance", 0.0),
-     ("tolerance", float("nan")), ("warn_unconverged", 1.5), ("saturation_margin", 0.5), ("source", "test"),
-     ("feature_map_channels", 0)],
+    [
+        ("every_n_steps", -1),
+        ("every_n_epochs", 1.5),
+        ("max_samples", 0),
+        ("tolerance", 0.0),
+        ("tolerance", float("nan")),
+        ("warn_unconverged", 1.5),
+        ("saturation_margin", 0.5),
+        ("source", "test"),
+        ("feature_map_channels", 0),
+    ],
 )
 def test_bad_arguments_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):

@@ -28,7 +28,9 @@ from ep_lightning.cli import EPLightningCLI, cli_main
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
+    ),
 ]
 
 CONFIGS = {"P-1h": "p1h_ep", "EB-1h": "eb1h_ep", "P-conv": "pconv_ep"}
@@ -48,9 +50,21 @@ def _no_tf32() -> Iterator[None]:
 
 def build(config: str, overrides: list[str] = ()) -> EPLightningCLI:
     return cli_main(
-        ["--config", str(ROOT / f"configs/mnist/{config}.yaml"), "--trainer.logger", "false",
-         "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-         "--trainer.callbacks", "[]", "--trainer.accelerator", "cpu", *cli_args([*SMALL, *overrides])],
+        [
+            "--config",
+            str(ROOT / f"configs/mnist/{config}.yaml"),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.accelerator",
+            "cpu",
+            *cli_args([*SMALL, *overrides]),
+        ],
         run=False,
     )
 
@@ -91,8 +105,10 @@ def test_one_step_and_free_phase_on_cuda_match_float64_on_cpu(name: str) -> None
             torch.testing.assert_close(a.double().cpu(), b, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize(("config", "steps"), [("p1h_ep", (10, 4)), ("p1h_bptt", (10, 4)), ("eb1h_ep", (10, 4)),
-                                               ("pconv_ep", (6, 3)), ("pconv_bptt", (6, 3))])
+@pytest.mark.parametrize(
+    ("config", "steps"),
+    [("p1h_ep", (10, 4)), ("p1h_bptt", (10, 4)), ("eb1h_ep", (10, 4)), ("pconv_ep", (6, 3)), ("pconv_bptt", (6, 3))],
+)
 def test_training_step_on_cuda_matches_float64_on_cpu(config: str, steps: tuple[int, int]) -> None:
     """The EP update / BPTT gradient step (weights after − before one Trainer step) on CUDA against the float64 CPU
     step on the same batch and weights: CUDA float32 may be at most FACTOR times farther from float64 than CPU
@@ -130,10 +146,27 @@ def test_device_resident_data_lives_on_cuda_and_gives_the_host_fed_update() -> N
     for key, value in host["update"].items():
         torch.testing.assert_close(resident["update"][key], value, rtol=1e-6, atol=1e-8)
     cli = cli_main(
-        ["--config", str(ROOT / path), "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-         "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]", "--trainer.accelerator", "cuda",
-         "--trainer.devices", "1", "--trainer.max_steps", "1", "--test_after_fit", "false",
-         *cli_args([*overrides, "data.init_args.device_resident=true"])],
+        [
+            "--config",
+            str(ROOT / path),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.accelerator",
+            "cuda",
+            "--trainer.devices",
+            "1",
+            "--trainer.max_steps",
+            "1",
+            "--test_after_fit",
+            "false",
+            *cli_args([*overrides, "data.init_args.device_resident=true"]),
+        ],
         run=False,
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -144,12 +177,40 @@ def test_train_py_fits_and_tests_on_cuda(tmp_path: Path) -> None:
     """``train.py fit`` on CUDA trains P-1h for one epoch on 1,000 images and tests it: exit 0, test accuracy printed
     and above chance (one epoch of 50 batches reaches ≈ 80 % on the CPU; 30 % leaves room for any seed)."""
     result = subprocess.run(
-        [sys.executable, "train.py", "fit", "--config", "configs/mnist/p1h_ep.yaml", "--trainer.accelerator", "cuda",
-         "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-         "--trainer.callbacks", "[]", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-         "--trainer.default_root_dir", str(tmp_path), "--data.init_args.train_subset", "1000",
-         "--data.init_args.test_subset", "1000", "--data.init_args.device_resident", "true"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "train.py",
+            "fit",
+            "--config",
+            "configs/mnist/p1h_ep.yaml",
+            "--trainer.accelerator",
+            "cuda",
+            "--trainer.devices",
+            "1",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.init_args.train_subset",
+            "1000",
+            "--data.init_args.test_subset",
+            "1000",
+            "--data.init_args.device_resident",
+            "true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr[-3000:]

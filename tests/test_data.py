@@ -69,7 +69,9 @@ def test_changed_label_fails_the_checksum_naming_the_file(data_dir: Path) -> Non
 
     path = _rewrite_labels(data_dir, flip)
     data = MNISTDataModule(data_dir=str(data_dir))
-    with pytest.raises(DataFileError, match=rf"checksum mismatch for {path}.*official {LABELS} has {MNIST_MD5[LABELS]}"):
+    with pytest.raises(
+        DataFileError, match=rf"checksum mismatch for {path}.*official {LABELS} has {MNIST_MD5[LABELS]}"
+    ):
         data.setup("test")
     assert data.test_set is None, "a file that fails its checksum must not be used"
 
@@ -162,8 +164,19 @@ def test_invalid_arguments_are_rejected_at_construction(kwargs: dict, fragment: 
 def test_corrupt_file_through_the_cli_is_one_line(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _rewrite_labels(data_dir, lambda c: c[:-1] + bytearray([(c[-1] + 1) % 10]))
     with pytest.raises(SystemExit) as info:
-        cli_main(["test", "--config", str(RAW.parents[2] / "configs/mnist/p1h_ep.yaml"), "--trainer.logger", "false",
-                  "--data.data_dir", str(data_dir), "--trainer.enable_progress_bar", "false"])
+        cli_main(
+            [
+                "test",
+                "--config",
+                str(RAW.parents[2] / "configs/mnist/p1h_ep.yaml"),
+                "--trainer.logger",
+                "false",
+                "--data.data_dir",
+                str(data_dir),
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
+        )
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
     assert f"checksum mismatch for {path}" in err, err
@@ -221,22 +234,28 @@ def test_permutation_batches_equal_the_int_sampler_batches_and_resume() -> None:
     for epoch in (0, 3):
         ints = DataLoader(data, batch_size=10, sampler=EpochShuffleSampler(105, 11), collate_fn=keep_batch)
         ints.sampler.set_epoch(epoch)
-        sliced = ResumableDataLoader(data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(105, 11), 10),
-                                     collate_fn=keep_batch)
+        sliced = ResumableDataLoader(
+            data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(105, 11), 10), collate_fn=keep_batch
+        )
         sliced.batch_sampler.sampler.set_epoch(epoch)
         a, b = list(ints), list(sliced)
         assert len(a) == len(b) == len(sliced) == 11 and b[-1][1].shape == (5,)
         for batch_a, batch_b in zip(a, b):
             assert all(torch.equal(u, v) for u, v in zip(batch_a, batch_b))
     done = {"n": 4}
-    loader = ResumableDataLoader(data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(105, 11), 10),
-                                 collate_fn=keep_batch, batches_done=lambda: done["n"])
+    loader = ResumableDataLoader(
+        data,
+        batch_sampler=PermutationBatchSampler(EpochShuffleSampler(105, 11), 10),
+        collate_fn=keep_batch,
+        batches_done=lambda: done["n"],
+    )
     loader.batch_sampler.sampler.set_epoch(2)
     full = [batch[2].tolist() for batch in loader]
     state = loader.state_dict()
     assert state == {"seed": 11, "epoch": 2, "samples_done": 40}
-    fresh = ResumableDataLoader(data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(105, 0), 10),
-                                collate_fn=keep_batch)
+    fresh = ResumableDataLoader(
+        data, batch_sampler=PermutationBatchSampler(EpochShuffleSampler(105, 0), 10), collate_fn=keep_batch
+    )
     fresh.load_state_dict(state)
     fresh.batch_sampler.sampler.set_epoch(2)  # Lightning sets the same epoch again on resume
     assert [batch[2].tolist() for batch in fresh] == full[4:]

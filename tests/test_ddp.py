@@ -71,8 +71,14 @@ def make_system(algorithm: str, kind: str, cls: type | None = None) -> L.Lightni
         return cls(
             net=model,
             initializer=FeedforwardInitializer(model.layers),
-            T=6, K=3, beta=0.5, nudging="random_sign", lam=0.1,
-            lrs=[0.5] * groups, energy_init="keep", sign_seed=0,
+            T=6,
+            K=3,
+            beta=0.5,
+            nudging="random_sign",
+            lam=0.1,
+            lrs=[0.5] * groups,
+            energy_init="keep",
+            sign_seed=0,
         )
     cls = cls or EquilibriumModule
     return cls(model, algorithm=algorithm, T=8, K=4, beta=0.2, lrs=[0.5] * groups)
@@ -82,8 +88,15 @@ def fit(module: L.LightningModule, strategy: object, devices: int, out_dir: Path
     """One epoch in float64 without logger/checkpoints; ``RecordRun`` writes each rank's record into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, precision="64-true", max_epochs=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        precision="64-true",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[H.RecordRun(out_dir)],
     )
     trainer.fit(module, train_dataloaders=loader)
@@ -123,7 +136,9 @@ def assert_ddp_equals_reference(ranks: list[dict], reference: dict, initial: dic
             # Bitwise: every rank applies the same all-reduced gradient to the same broadcast initial weights.
             assert torch.equal(ranks[r]["weights"][name], rank0[name]), f"{name}: rank {r} differs from rank 0"
         assert (ref - initial[name]).abs().max() > MOVED, f"{name} was not trained: left out of the update?"
-        torch.testing.assert_close(rank0[name], ref, rtol=0.0, atol=ATOL, msg=lambda m, name=name: f"{name}: DDP ≠ 1 process: {m}")
+        torch.testing.assert_close(
+            rank0[name], ref, rtol=0.0, atol=ATOL, msg=lambda m, name=name: f"{name}: DDP ≠ 1 process: {m}"
+        )
 
 
 IEP = pytest.mark.skipif(not IEP_AVAILABLE, reason="ep_lightning.systems.initialized missing")
@@ -185,12 +200,31 @@ def test_train_py_with_ddp_config_runs_two_processes(repo_root: Path, tmp_path: 
     per rank) on 2 CPU processes: it trains, tests, and rank 0 alone writes the logs and the checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [
-        sys.executable, "train.py", "fit",
-        "--config", "configs/mnist/p1h_ep.yaml", "--config", "configs/trainer/ddp.yaml",
-        "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--model.init_args.T", "5", "--model.init_args.K", "2",
-        "--data.train_subset", "200", "--data.test_subset", "100",
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/mnist/p1h_ep.yaml",
+        "--config",
+        "configs/trainer/ddp.yaml",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--model.init_args.T",
+        "5",
+        "--model.init_args.K",
+        "2",
+        "--data.train_subset",
+        "200",
+        "--data.test_subset",
+        "100",
     ]
     process = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output, _ = process.communicate(timeout=300)
@@ -226,8 +260,18 @@ def test_trainer_config_composes_with_every_model_config(
     from ep_lightning.cli import cli_main
 
     cli = cli_main(
-        ["--config", str(model_config), "--config", str(repo_root / "configs" / "trainer" / trainer_config),
-         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.logger", "false"],
+        [
+            "--config",
+            str(model_config),
+            "--config",
+            str(repo_root / "configs" / "trainer" / trainer_config),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.logger",
+            "false",
+        ],
         run=False,
     )
     strategy = cli.trainer.strategy

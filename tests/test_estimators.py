@@ -12,7 +12,9 @@ from ep_lightning.systems import EquilibriumModule
 from ep_lightning.systems.base import EPSystem
 
 
-def naive_p1h_bptt_grads(model: PrototypicalNet, x: torch.Tensor, y: torch.Tensor, T: int, K: int) -> list[torch.Tensor]:
+def naive_p1h_bptt_grads(
+    model: PrototypicalNet, x: torch.Tensor, y: torch.Tensor, T: int, K: int
+) -> list[torch.Tensor]:
     """Gradient of ½‖s_0^T − y‖² (batch mean) through the last K steps, the P-1h dynamics written out by hand
     in plain torch with autograd (independent of model.step / relax)."""
     W1, b1 = model.synapses[0].weight, model.synapses[0].bias
@@ -64,7 +66,9 @@ def test_bptt_steps_truncates_the_backward_to_the_last_steps(bptt_steps: int) ->
 
 @pytest.mark.parametrize("bptt_steps", [0, 16])
 def test_bptt_steps_outside_one_to_T_is_rejected(bptt_steps: int) -> None:
-    with pytest.raises(ValueError, match=rf"model.bptt_steps={bptt_steps} is invalid with model.T=15.*1 ≤ bptt_steps ≤ T"):
+    with pytest.raises(
+        ValueError, match=rf"model.bptt_steps={bptt_steps} is invalid with model.T=15.*1 ≤ bptt_steps ≤ T"
+    ):
         EquilibriumModule(PrototypicalNet([12, 9, 4]), algorithm="bptt", T=15, K=6, bptt_steps=bptt_steps)
 
 

@@ -73,8 +73,9 @@ def test_exact_gdu_on_the_conv_model_with_identity_sigma() -> None:
     through max-pool indices and transposed convolutions) and weights ×0.03 (contracting, converged in float64), the
     error is O(β) on 4-d conv states too. Measured 1.69e-3 → 1.69e-4 at β = 1e-3 → 1e-4; bounds as above."""
     torch.manual_seed(0)
-    model = ConvPrototypicalNet(input_size=14, channels=[4, 6], kernel_size=3, pool_size=2, num_classes=3,
-                                activation="identity").double()
+    model = ConvPrototypicalNet(
+        input_size=14, channels=[4, 6], kernel_size=3, pool_size=2, num_classes=3, activation="identity"
+    ).double()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.03)
@@ -222,13 +223,45 @@ def test_gdu_subcommand_writes_json_figures_and_scalars(repo_root: Path, tmp_pat
     """`train.py gdu` on a briefly trained checkpoint: gdu.json, PNGs and TensorBoard scalars/images in the run
     folder; the scores are those of `gdu_check` on the checkpoint's weights (computed here directly)."""
     monkeypatch.chdir(repo_root)
-    common = ["--config", "configs/mnist/p1h_ep.yaml", "--trainer.enable_progress_bar", "false",
-              "--model.init_args.net.init_args.activation", "tanh", "--data.train_subset", "100"]
-    fit = cli_main(["fit", *common, "--trainer.max_epochs", "1", "--test_after_fit", "false",
-                    "--trainer.logger.init_args.save_dir", str(tmp_path / "fit")])
+    common = [
+        "--config",
+        "configs/mnist/p1h_ep.yaml",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.init_args.net.init_args.activation",
+        "tanh",
+        "--data.train_subset",
+        "100",
+    ]
+    fit = cli_main(
+        [
+            "fit",
+            *common,
+            "--trainer.max_epochs",
+            "1",
+            "--test_after_fit",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "fit"),
+        ]
+    )
     ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
-    cli = cli_main(["gdu", *common, "--ckpt_path", str(ckpt), "--batches", "2", "--beta", "0.01", "--T", "80",
-                    "--trainer.logger.init_args.save_dir", str(tmp_path / "gdu")])
+    cli = cli_main(
+        [
+            "gdu",
+            *common,
+            "--ckpt_path",
+            str(ckpt),
+            "--batches",
+            "2",
+            "--beta",
+            "0.01",
+            "--T",
+            "80",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "gdu"),
+        ]
+    )
     run_dir = Path(cli.trainer.log_dir)
     report = json.loads((run_dir / "gdu.json").read_text())
     assert report["settings"]["batches"] == 2 and report["settings"]["K"] == 10 and report["settings"]["T"] == 80
@@ -262,10 +295,17 @@ def test_gdu_monitor_logs_the_current_weights_without_side_effects(tmp_path: Pat
 
     def train(callbacks: list) -> tuple[EquilibriumModule, L.Trainer]:
         torch.manual_seed(0)
-        module = EquilibriumModule(PrototypicalNet([16, 12, 3], activation="tanh"), T=40, K=5, beta=0.1,
-                                   lrs=[0.1, 0.05])
-        trainer = L.Trainer(max_epochs=2, logger=TensorBoardLogger(tmp_path), callbacks=callbacks,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        module = EquilibriumModule(
+            PrototypicalNet([16, 12, 3], activation="tanh"), T=40, K=5, beta=0.1, lrs=[0.1, 0.05]
+        )
+        trainer = L.Trainer(
+            max_epochs=2,
+            logger=TensorBoardLogger(tmp_path),
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, loader)
         return module, trainer
 

@@ -184,10 +184,12 @@ def test_convergence_monitor_does_not_warn_about_the_truncated_free_phase(
     """IEP's T is short on purpose: with the same unconverged free phase (2 steps, tolerance 1e-12) the monitor warns
     for an EquilibriumModule and stays silent for InitializedEP, with or without initializer; distillation, whose
     target relaxation is meant to converge, still gets the warning."""
+
     def warned(module: L.LightningModule) -> bool:
         caplog.clear()
-        monitor = ConvergenceMonitor(every_n_steps=1, every_n_epochs=0, tolerance=1e-12, warn_unconverged=0.0,
-                                     histograms=False)
+        monitor = ConvergenceMonitor(
+            every_n_steps=1, every_n_epochs=0, tolerance=1e-12, warn_unconverged=0.0, histograms=False
+        )
         with caplog.at_level("WARNING", logger="ep_lightning.callbacks.convergence"):
             _trainer(tmp_path, limit_train_batches=1, limit_val_batches=0, callbacks=[monitor]).fit(
                 module, datamodule=_mnist(train=20)

@@ -25,7 +25,12 @@ TOL = {"rtol": 1e-10, "atol": 1e-10}
 GEOMETRIES = {
     "paper": {},
     "three_conv_padded": {
-        "input_size": 16, "input_channels": 2, "channels": [3, 4, 5], "kernel_size": 3, "padding": 1, "num_classes": 6
+        "input_size": 16,
+        "input_channels": 2,
+        "channels": [3, 4, 5],
+        "kernel_size": 3,
+        "padding": 1,
+        "num_classes": 6,
     },
 }
 

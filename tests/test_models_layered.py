@@ -19,7 +19,9 @@ def test_layered_nets_share_synapses_zero_state_and_groups(cls: type) -> None:
     assert all(s.dtype == torch.float64 and not s.any() for s in state)
     assert net.init_state_shapes() == [(6,), (5,), (3,)]
     assert [[p.shape for p in g] for g in net.parameter_groups()] == [
-        [torch.Size([6, 7]), torch.Size([6])], [torch.Size([5, 6]), torch.Size([5])], [torch.Size([3, 5]), torch.Size([3])]
+        [torch.Size([6, 7]), torch.Size([6])],
+        [torch.Size([5, 6]), torch.Size([5])],
+        [torch.Size([3, 5]), torch.Size([3])],
     ]
 
 

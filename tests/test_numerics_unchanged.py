@@ -48,8 +48,11 @@ def naive_ep_weights(model: EnergyModel, x, y, T: int, K: int, beta: float, lrs:
 
 @pytest.mark.parametrize(
     "model_factory",
-    [lambda: PrototypicalNet([20, 12, 5]), lambda: PrototypicalNet([20, 12, 9, 5], activation="hard_sigmoid"),
-     lambda: EnergyBasedNet([20, 12, 5])],
+    [
+        lambda: PrototypicalNet([20, 12, 5]),
+        lambda: PrototypicalNet([20, 12, 9, 5], activation="hard_sigmoid"),
+        lambda: EnergyBasedNet([20, 12, 5]),
+    ],
     ids=["p1h", "p2h_hard", "eb1h"],
 )
 def test_one_training_step_equals_the_straightforward_implementation(model_factory, tmp_path) -> None:
@@ -60,8 +63,15 @@ def test_one_training_step_equals_the_straightforward_implementation(model_facto
     labels = torch.randint(0, 5, (8,))
     T, K, beta, lrs = 12, 4, 0.3, [0.05, 0.02, 0.01][: len(model.parameter_groups())]
     module = EquilibriumModule(model, algorithm="ep", T=T, K=K, beta=beta, lrs=lrs)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, DataLoader(TensorDataset(x, labels), batch_size=8))
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     expected = naive_ep_weights(reference, x, torch.nn.functional.one_hot(labels, 5).double(), T, K, beta, lrs)

@@ -32,9 +32,24 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = str(ROOT / "data")
 P1H, EB1H, PCONV = (str(ROOT / "configs" / "mnist" / f"{n}.yaml") for n in ("p1h_ep", "eb1h_ep", "pconv_ep"))
 #: Small, fast settings appended after every config (the table's bad value comes after these and wins).
-FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false", "--test_after_fit", "false", "--data.data_dir", DATA,
-        "--data.train_subset", "40", "--data.test_subset", "40"]
+FAST = [
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--test_after_fit",
+    "false",
+    "--data.data_dir",
+    DATA,
+    "--data.train_subset",
+    "40",
+    "--data.test_subset",
+    "40",
+]
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -47,8 +62,12 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 # --- 1. bad configs: one message naming the field, the value and what is allowed ------------------------------
 BAD_CONFIGS = [
     # (id, config, override args, fragments the message must contain)
-    ("bptt_steps>T", P1H, ["--model.init_args.algorithm", "bptt", "--model.init_args.bptt_steps", "50"],
-     ["model.bptt_steps=50", "model.T=30"]),
+    (
+        "bptt_steps>T",
+        P1H,
+        ["--model.init_args.algorithm", "bptt", "--model.init_args.bptt_steps", "50"],
+        ["model.bptt_steps=50", "model.T=30"],
+    ),
     ("T=0", P1H, ["--model.init_args.T", "0", "--model.init_args.K", "1"], ["model.T=0", "at least 1"]),
     ("beta=0", P1H, ["--model.init_args.beta", "0"], ["model.beta=0.0", "> 0"]),
     ("beta<0", P1H, ["--model.init_args.beta", "-0.1"], ["model.beta=-0.1", "> 0"]),
@@ -58,27 +77,61 @@ BAD_CONFIGS = [
     ("eps=0", EB1H, ["--model.init_args.net.init_args.eps", "0"], ["eps=0.0", "> 0"]),
     ("eps<0", EB1H, ["--model.init_args.net.init_args.eps", "-0.2"], ["eps=-0.2", "> 0"]),
     ("dt>1", P1H, ["--model.init_args.net.init_args.dt", "1.5"], ["dt=1.5", "(0, 1]"]),
-    ("layers-short", P1H, ["--model.init_args.net.init_args.layers", "[784]"], ["layers=[784]", "at least [n_in, n_out]"]),
+    (
+        "layers-short",
+        P1H,
+        ["--model.init_args.net.init_args.layers", "[784]"],
+        ["layers=[784]", "at least [n_in, n_out]"],
+    ),
     ("layers-zero", P1H, ["--model.init_args.net.init_args.layers", "[784,0,10]"], ["layers=[784, 0, 10]", "positive"]),
     # jsonargparse rejects values outside a Literal itself, naming the key, the value and the allowed names
-    ("activation", P1H, ["--model.init_args.net.init_args.activation", "relu"],
-     ["activation", "relu", "'sigmoid', 'hard_sigmoid', 'tanh', 'identity'"]),
+    (
+        "activation",
+        P1H,
+        ["--model.init_args.net.init_args.activation", "relu"],
+        ["activation", "relu", "'sigmoid', 'hard_sigmoid', 'tanh', 'identity'"],
+    ),
     ("algorithm", P1H, ["--model.init_args.algorithm", "hebbian"], ["algorithm", "hebbian", "'ep', 'bptt'"]),
-    ("conv-geometry", PCONV, ["--model.init_args.net.init_args.kernel_size", "7"],
-     ["conv geometry does not fit", "kernel_size=7", "input_size=28", "multiple of pool_size=2"]),
+    (
+        "conv-geometry",
+        PCONV,
+        ["--model.init_args.net.init_args.kernel_size", "7"],
+        ["conv geometry does not fit", "kernel_size=7", "input_size=28", "multiple of pool_size=2"],
+    ),
     ("conv-padding", PCONV, ["--model.init_args.net.init_args.padding", "5"], ["padding=5", "padding < kernel_size=5"]),
     # checked against the data at fit start (EquilibriumModule.setup), before any training step
-    ("layers-vs-data-input", P1H, ["--model.init_args.net.init_args.layers", "[700,16,10]"],
-     ["layers[0]=700", "1×28×28 = 784", "784 units"]),
-    ("layers-vs-data-classes", P1H, ["--model.init_args.net.init_args.layers", "[784,16,5]"],
-     ["layers[-1]=5", "10 classes", "10 units"]),
-    ("conv-vs-data", PCONV, ["--model.init_args.net.init_args.input_size", "32", "--model.init_args.T", "2",
-                             "--model.init_args.K", "1"], ["1×32×32", "1×28×28", "input_size=28"]),
-    ("eb-vs-data-classes", EB1H, ["--model.init_args.net.init_args.layers", "[784,16,12]"], ["layers[-1]=12", "10 classes"]),
+    (
+        "layers-vs-data-input",
+        P1H,
+        ["--model.init_args.net.init_args.layers", "[700,16,10]"],
+        ["layers[0]=700", "1×28×28 = 784", "784 units"],
+    ),
+    (
+        "layers-vs-data-classes",
+        P1H,
+        ["--model.init_args.net.init_args.layers", "[784,16,5]"],
+        ["layers[-1]=5", "10 classes", "10 units"],
+    ),
+    (
+        "conv-vs-data",
+        PCONV,
+        ["--model.init_args.net.init_args.input_size", "32", "--model.init_args.T", "2", "--model.init_args.K", "1"],
+        ["1×32×32", "1×28×28", "input_size=28"],
+    ),
+    (
+        "eb-vs-data-classes",
+        EB1H,
+        ["--model.init_args.net.init_args.layers", "[784,16,12]"],
+        ["layers[-1]=12", "10 classes"],
+    ),
     ("val_size", P1H, ["--data.val_size", "60000"], ["data.val_size=60000", "holds 60000 images", "val_size < 60000"]),
     ("train_subset", P1H, ["--data.train_subset", "0"], ["data.train_subset=0", "positive size"]),
-    ("train_subset-too-big", P1H, ["--data.val_size", "59000", "--data.train_subset", "2000"],
-     ["data.train_subset=2000", "only 1000 images"]),
+    (
+        "train_subset-too-big",
+        P1H,
+        ["--data.val_size", "59000", "--data.train_subset", "2000"],
+        ["data.train_subset=2000", "only 1000 images"],
+    ),
     ("batch_size", P1H, ["--data.batch_size", "0"], ["data.batch_size=0", "positive integer"]),
 ]
 
@@ -89,8 +142,9 @@ def test_bad_config_is_rejected_at_start_with_one_clear_message(
 ) -> None:
     """What ``python train.py fit --config … <bad value>`` shows: exit status 2, an ``error:`` line naming the field,
     the value and what is allowed, no traceback, and no training step taken."""
-    status, err = run_cli(["fit", "--config", config, *FAST, "--trainer.default_root_dir", str(tmp_path), *override],
-                          capsys)
+    status, err = run_cli(
+        ["fit", "--config", config, *FAST, "--trainer.default_root_dir", str(tmp_path), *override], capsys
+    )
     assert status == 2, err
     assert "Traceback" not in err, err
     assert err.count("error:") == 1, err
@@ -144,9 +198,15 @@ def valid_config(draw: st.DrawFn) -> dict[str, Any]:
         if side is None:  # that padding makes a layer vanish: without padding sides only grow going down
             padding = 0
             side = input_side(top, n_conv, kernel, padding, pool)
-        net.update(input_size=side, input_channels=draw(st.integers(1, 2)), kernel_size=kernel, padding=padding,
-                   pool_size=pool, channels=draw(st.lists(st.integers(1, 3), min_size=n_conv, max_size=n_conv)),
-                   num_classes=draw(st.integers(1, 4)))
+        net.update(
+            input_size=side,
+            input_channels=draw(st.integers(1, 2)),
+            kernel_size=kernel,
+            padding=padding,
+            pool_size=pool,
+            channels=draw(st.lists(st.integers(1, 3), min_size=n_conv, max_size=n_conv)),
+            num_classes=draw(st.integers(1, 4)),
+        )
         groups = n_conv + 1
     else:
         net["layers"] = draw(st.lists(st.integers(1, 8), min_size=2, max_size=4))
@@ -157,8 +217,11 @@ def valid_config(draw: st.DrawFn) -> dict[str, Any]:
         groups = len(net["layers"]) - 1
     T = draw(st.integers(1, 5))
     system = {
-        "algorithm": draw(st.sampled_from(["ep", "bptt"])), "T": T, "K": draw(st.integers(1, T)),
-        "beta": draw(st.floats(0.01, 1.0)), "lrs": draw(st.lists(st.floats(0.0, 0.5), min_size=groups, max_size=groups)),
+        "algorithm": draw(st.sampled_from(["ep", "bptt"])),
+        "T": T,
+        "K": draw(st.integers(1, T)),
+        "beta": draw(st.floats(0.01, 1.0)),
+        "lrs": draw(st.lists(st.floats(0.0, 0.5), min_size=groups, max_size=groups)),
     }
     return {"kind": kind, "net": net, "system": system}
 
@@ -239,20 +302,29 @@ def test_random_invalid_configs_fail_with_a_clear_message(case: tuple[dict[str, 
     assert _raised_in_package(info.value), f"raised outside ep_lightning: {info.traceback[-1]}"
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(case=invalid_config())
-def test_random_invalid_configs_through_the_cli(case: tuple[dict[str, Any], str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_random_invalid_configs_through_the_cli(
+    case: tuple[dict[str, Any], str], capsys: pytest.CaptureFixture[str]
+) -> None:
     """Same, as the user sees it: exit status 2 and one ``error:`` line, no traceback."""
     config, fragment = case
     cls = {"P": "PrototypicalNet", "EB": "EnergyBasedNet", "conv": "ConvPrototypicalNet"}[config["kind"]]
     import json
 
-    model = {"class_path": "ep_lightning.systems.EquilibriumModule",
-             "init_args": {**config["system"], "net": {"class_path": f"ep_lightning.models.{cls}",
-                                                         "init_args": config["net"]}}}
+    model = {
+        "class_path": "ep_lightning.systems.EquilibriumModule",
+        "init_args": {
+            **config["system"],
+            "net": {"class_path": f"ep_lightning.models.{cls}", "init_args": config["net"]},
+        },
+    }
     capsys.readouterr()
-    status, err = run_cli(["fit", "--model", json.dumps(model), "--trainer.logger", "false",
-                           "--data.data_dir", DATA], capsys)
+    status, err = run_cli(
+        ["fit", "--model", json.dumps(model), "--trainer.logger", "false", "--data.data_dir", DATA], capsys
+    )
     assert status == 2, err
     assert "Traceback" not in err and err.count("error:") == 1, err
     flat = " ".join(err.split())
@@ -305,19 +377,39 @@ class NaNPixel(L.Callback):
             batch[0][0, 0, 14, 14] = float("nan")
             self.weights_before[batch_idx] = {k: v.clone() for k, v in module.net.state_dict().items()}
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, out: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, out: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx in self.batches:
             self.weights_after[batch_idx] = {k: v.clone() for k, v in module.net.state_dict().items()}
 
 
-def small_run(tmp_path: Path, callbacks: list[L.Callback], algorithm: str = "ep", batches: int = 10,
-              model: torch.nn.Module | None = None, **system: Any) -> tuple[EquilibriumModule, L.Trainer, MNISTDataModule]:
+def small_run(
+    tmp_path: Path,
+    callbacks: list[L.Callback],
+    algorithm: str = "ep",
+    batches: int = 10,
+    model: torch.nn.Module | None = None,
+    **system: Any,
+) -> tuple[EquilibriumModule, L.Trainer, MNISTDataModule]:
     L.seed_everything(0, verbose=False)
-    module = EquilibriumModule(model or PrototypicalNet([784, 16, 10]), algorithm=algorithm, T=4, K=2,
-                               **{"beta": 0.5, "lrs": [0.05, 0.02], **system})
+    module = EquilibriumModule(
+        model or PrototypicalNet([784, 16, 10]),
+        algorithm=algorithm,
+        T=4,
+        K=2,
+        **{"beta": 0.5, "lrs": [0.05, 0.02], **system},
+    )
     data = MNISTDataModule(data_dir=DATA, train_subset=20 * batches, test_subset=20, batch_size=20)
-    trainer = L.Trainer(max_epochs=1, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+    )
     return module, trainer, data
 
 
@@ -386,8 +478,9 @@ def test_nan_in_states_is_named_by_phase_and_layer(algorithm: str, tmp_path: Pat
 
 def test_real_divergence_from_a_too_large_learning_rate(tmp_path: Path) -> None:
     """Not injected: a linear (identity) P net with learning rate 50 overflows within a few steps."""
-    module, trainer, data = small_run(tmp_path, [], model=PrototypicalNet([784, 16, 10], activation="identity"),
-                                      lrs=[50.0, 50.0])
+    module, trainer, data = small_run(
+        tmp_path, [], model=PrototypicalNet([784, 16, 10], activation="identity"), lrs=[50.0, 50.0]
+    )
     with pytest.raises(DivergenceError, match=r"training diverged at epoch 0, batch \d+ .*model\.lrs=\[50\.0, 50\.0\]"):
         trainer.fit(module, data)
     assert 0 < trainer.global_step < 10
@@ -408,7 +501,9 @@ def test_skip_mode_drops_bad_batches_and_counts_them(tmp_path: Path) -> None:
 
 
 def test_skip_mode_gives_up_after_consecutive_bad_batches(tmp_path: Path) -> None:
-    module, trainer, data = small_run(tmp_path, [NaNPixel(set(range(10))), DivergenceGuard("skip", max_consecutive_skips=3)])
+    module, trainer, data = small_run(
+        tmp_path, [NaNPixel(set(range(10))), DivergenceGuard("skip", max_consecutive_skips=3)]
+    )
     with pytest.raises(DivergenceError, match="gave up after 3 bad batches in a row"):
         trainer.fit(module, data)
 
@@ -420,9 +515,23 @@ def test_skip_mode_still_raises_on_non_finite_weights(tmp_path: Path) -> None:
 
 
 def test_divergence_through_the_cli_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    status, err = run_cli(["fit", "--config", P1H, *FAST, "--trainer.default_root_dir", str(tmp_path),
-                           "--model.init_args.net.init_args.activation", "identity",
-                           "--model.init_args.lrs", "[50.0,50.0]", "--trainer.limit_train_batches", "2"], capsys)
+    status, err = run_cli(
+        [
+            "fit",
+            "--config",
+            P1H,
+            *FAST,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--model.init_args.net.init_args.activation",
+            "identity",
+            "--model.init_args.lrs",
+            "[50.0,50.0]",
+            "--trainer.limit_train_batches",
+            "2",
+        ],
+        capsys,
+    )
     assert status == 1 and err.count("error:") == 1 and "Traceback" not in err, err
     assert "training diverged" in err and "model.lrs=[50.0, 50.0]" in err, err
 
@@ -448,9 +557,17 @@ def _save_as_if_on_cuda(src: Path, dst: Path) -> None:
 SMALL_SYSTEMS = {
     "P": (P1H, ["--model.init_args.T", "4", "--model.init_args.K", "2"]),
     "EB": (EB1H, ["--model.init_args.T", "4", "--model.init_args.K", "2"]),
-    "IEP": (str(ROOT / "configs" / "mnist" / "iep_1h.yaml"),
-            ["--model.init_args.T", "4", "--model.init_args.K", "2",
-             "--model.init_args.initializer.init_args.layers", "[784,16,10]"]),
+    "IEP": (
+        str(ROOT / "configs" / "mnist" / "iep_1h.yaml"),
+        [
+            "--model.init_args.T",
+            "4",
+            "--model.init_args.K",
+            "2",
+            "--model.init_args.initializer.init_args.layers",
+            "[784,16,10]",
+        ],
+    ),
 }
 
 
@@ -459,12 +576,42 @@ def test_checkpoint_loads_for_validate_test_predict_on_cpu_even_if_saved_on_gpu(
     net: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config, system_args = SMALL_SYSTEMS[net]
-    common = ["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--trainer.callbacks", "[]", "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last", "true",
-              "--data.data_dir", DATA, "--data.val_size", "100", "--data.train_subset", "100", "--data.test_subset", "60",
-              "--model.init_args.net.init_args.layers", "[784,16,10]", *system_args]
-    fit = cli_main(["fit", *common, "--trainer.max_epochs", "1", "--test_after_fit", "false",
-                    "--trainer.default_root_dir", str(tmp_path / "fit")])
+    common = [
+        "--config",
+        config,
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.save_last",
+        "true",
+        "--data.data_dir",
+        DATA,
+        "--data.val_size",
+        "100",
+        "--data.train_subset",
+        "100",
+        "--data.test_subset",
+        "60",
+        "--model.init_args.net.init_args.layers",
+        "[784,16,10]",
+        *system_args,
+    ]
+    fit = cli_main(
+        [
+            "fit",
+            *common,
+            "--trainer.max_epochs",
+            "1",
+            "--test_after_fit",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path / "fit"),
+        ]
+    )
     trained = {k: v.clone() for k, v in fit.model.state_dict().items()}
     fit.trainer.test(fit.model, datamodule=fit.datamodule, verbose=False)
     acc = fit.trainer.callback_metrics["test/acc"].item()

@@ -26,7 +26,11 @@ TESTS = Path(__file__).resolve().parent
 EP_SYSTEM = {
     "class_path": "ep_lightning.systems.EquilibriumModule",
     "init_args": {
-        "algorithm": "ep", "T": 5, "K": 2, "beta": 0.5, "lrs": [0.05, 0.02],
+        "algorithm": "ep",
+        "T": 5,
+        "K": 2,
+        "beta": 0.5,
+        "lrs": [0.05, 0.02],
         # momentum and a scheduler, so that optimizer and scheduler state must be restored too
         "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0, "momentum": 0.9}},
         "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}},
@@ -36,10 +40,20 @@ EP_SYSTEM = {
 IEP_SYSTEM = {
     "class_path": "ep_lightning.systems.InitializedEP",
     "init_args": {
-        "T": 4, "K": 2, "beta": 0.5, "nudging": "random_sign", "lam": 0.1, "lrs": [0.1, 0.05],
-        "net": {"class_path": "ep_lightning.models.EnergyBasedNet",
-                  "init_args": {"layers": [784, 16, 10], "activation": "hard_sigmoid", "eps": 0.5, "cost_scale": 1.0}},
-        "initializer": {"class_path": "ep_lightning.models.FeedforwardInitializer", "init_args": {"layers": [784, 16, 10]}},
+        "T": 4,
+        "K": 2,
+        "beta": 0.5,
+        "nudging": "random_sign",
+        "lam": 0.1,
+        "lrs": [0.1, 0.05],
+        "net": {
+            "class_path": "ep_lightning.models.EnergyBasedNet",
+            "init_args": {"layers": [784, 16, 10], "activation": "hard_sigmoid", "eps": 0.5, "cost_scale": 1.0},
+        },
+        "initializer": {
+            "class_path": "ep_lightning.models.FeedforwardInitializer",
+            "init_args": {"layers": [784, 16, 10]},
+        },
     },
 }
 SYSTEMS = {"ep": EP_SYSTEM, "iep": IEP_SYSTEM}
@@ -48,11 +62,19 @@ SYSTEMS = {"ep": EP_SYSTEM, "iep": IEP_SYSTEM}
 def write_config(path: Path, system: dict, seed: int = 3) -> Path:
     config = {
         "seed_everything": seed,
-        "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "logger": False,
-                    "enable_progress_bar": False, "enable_model_summary": False},
+        "trainer": {
+            "max_epochs": 2,
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
         "model": system,
-        "data": {"class_path": "ep_lightning.data.MNISTDataModule",
-                 "init_args": {"data_dir": str(ROOT / "data"), "batch_size": 20, "train_subset": 200, "test_subset": 20}},
+        "data": {
+            "class_path": "ep_lightning.data.MNISTDataModule",
+            "init_args": {"data_dir": str(ROOT / "data"), "batch_size": 20, "train_subset": 200, "test_subset": 20},
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -60,11 +82,24 @@ def write_config(path: Path, system: dict, seed: int = 3) -> Path:
 
 def run_args(config: Path, root: Path, every_n: int, *extra: str) -> list[str]:
     return [
-        "fit", "--config", str(config), "--test_after_fit", "false", "--trainer.default_root_dir", str(root),
-        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", str(every_n),
-        "--trainer.callbacks.save_last", "true",
-        "--trainer.callbacks+=resume_helpers.SaveFinalWeights", "--trainer.callbacks.path", str(root / "final.pt"),
-        "--trainer.callbacks+=resume_helpers.RecordBatches", "--trainer.callbacks.path", str(root / "batches.txt"),
+        "fit",
+        "--config",
+        str(config),
+        "--test_after_fit",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps",
+        str(every_n),
+        "--trainer.callbacks.save_last",
+        "true",
+        "--trainer.callbacks+=resume_helpers.SaveFinalWeights",
+        "--trainer.callbacks.path",
+        str(root / "final.pt"),
+        "--trainer.callbacks+=resume_helpers.RecordBatches",
+        "--trainer.callbacks.path",
+        str(root / "batches.txt"),
         *extra,
     ]
 
@@ -116,8 +151,9 @@ def test_sampler_order_is_a_function_of_seed_and_epoch() -> None:
 def test_loader_state_resumes_the_same_epoch_mid_way() -> None:
     data = TensorPairDataset(torch.zeros(50, 1), torch.arange(50))
     done = {"n": 0}
-    loader = ResumableDataLoader(data, batch_size=4, sampler=EpochShuffleSampler(50, 1), collate_fn=keep_batch,
-                                 batches_done=lambda: done["n"])
+    loader = ResumableDataLoader(
+        data, batch_size=4, sampler=EpochShuffleSampler(50, 1), collate_fn=keep_batch, batches_done=lambda: done["n"]
+    )
     loader.sampler.set_epoch(3)
     full = [b[1].tolist() for b in loader]
     done["n"] = 5  # the trainer finished 5 batches; the loader may have prefetched more
@@ -156,12 +192,26 @@ def test_killed_run_resumes_bit_for_bit(
     system: str, kill_at: int, every_n: int, last_step: int, reference: dict[str, Path], tmp_path: Path
 ) -> None:
     config = write_config(tmp_path / "input.yaml", SYSTEMS[system])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     killed = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *run_args(config, tmp_path, every_n),
-         "--trainer.callbacks+=resume_helpers.HardKill", "--trainer.callbacks.at_step", str(kill_at)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *run_args(config, tmp_path, every_n),
+            "--trainer.callbacks+=resume_helpers.HardKill",
+            "--trainer.callbacks.at_step",
+            str(kill_at),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert killed.returncode == -9, f"the run must die by SIGKILL:\n{killed.stderr[-3000:]}"
     assert not (tmp_path / "final.pt").exists()

@@ -66,12 +66,18 @@ def _group_alive(pgid: int) -> bool:
 def common(tmp: Path, batches: int = 3) -> list[str]:
     """Paths into ``tmp`` (runs/) and the repository (data), a few batches of one epoch, a small test set."""
     return [
-        "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
-        "--data.init_args.data_dir", str(REPO / "data"),
-        "--data.init_args.test_subset", "100",
-        "--trainer.limit_train_batches", str(batches),
-        "--trainer.limit_val_batches", "1",
-        "--trainer.max_epochs", "1",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp / "runs"),
+        "--data.init_args.data_dir",
+        str(REPO / "data"),
+        "--data.init_args.test_subset",
+        "100",
+        "--trainer.limit_train_batches",
+        str(batches),
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.max_epochs",
+        "1",
     ]
 
 
@@ -79,8 +85,13 @@ def train(args: list[str], cwd: Path, timeout: float = 240) -> Run:
     """``python train.py ARGS`` with pipes (not a terminal), killed as a group after ``timeout`` seconds."""
     start = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         out, err = process.communicate(timeout=timeout)
@@ -98,8 +109,12 @@ def train_in_terminal(args: list[str], cwd: Path, timeout: float = 240) -> Run:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))  # a 160-column terminal
     start = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=_env(),
-        stdout=slave, stderr=slave, start_new_session=True,
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=_env(),
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
     )
     os.close(slave)
     chunks: list[bytes] = []
@@ -146,10 +161,22 @@ def test_ddp_fit_then_test_with_progress_bar(config: str, tmp_path: Path) -> Non
     """Two gloo processes, the shipped config with its monitors, checkpointing and the tqdm bar (a terminal): the
     first epoch end used to deadlock (rank 0 in the bar's metric reduction, rank 1 in the epoch-mean all-reduce)."""
     run = train_in_terminal(
-        ["fit", "--config", str(CONFIGS / "mnist" / f"{config}.yaml"), "--config", str(CONFIGS / "trainer/ddp.yaml"),
-         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.limit_test_batches", "1",
-         *common(tmp_path, batches=2)],
-        tmp_path, timeout=240,
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mnist" / f"{config}.yaml"),
+            "--config",
+            str(CONFIGS / "trainer/ddp.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.limit_test_batches",
+            "1",
+            *common(tmp_path, batches=2),
+        ],
+        tmp_path,
+        timeout=240,
     )
     assert run.returncode == 0, run.stdout[-4000:]
     assert "Epoch 0: 100%" in run.stdout, "the tqdm bar ran"
@@ -181,8 +208,13 @@ def interrupt(args: list[str], cwd: Path, signum: int, after: float, timeout: fl
     folder's hparams.yaml appears at fit start); returns the run and the seconds from the signal to the exit."""
     start = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=_env(), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     out_err: dict[str, str] = {}
     reader = threading.Thread(target=lambda: out_err.update(zip(("out", "err"), process.communicate())), daemon=True)
@@ -238,9 +270,20 @@ def test_signal_stops_within_seconds_and_resume_equals_uninterrupted_run(
 def test_sigterm_under_ddp_stops_and_resumes(tmp_path: Path) -> None:
     """SIGTERM to the launching process of a 2-process run: both ranks stop at the same batch end, last.ckpt is
     written, no process survives; ``--ckpt_path last`` continues from it."""
-    args = ["fit", "--config", str(CONFIGS / "mnist/p1h_ep.yaml"), "--config", str(CONFIGS / "trainer/ddp.yaml"),
-            "--trainer.accelerator", "cpu", "--trainer.devices", "2", *common(tmp_path, 400),
-            "--test_after_fit", "false"]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "mnist/p1h_ep.yaml"),
+        "--config",
+        str(CONFIGS / "trainer/ddp.yaml"),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        *common(tmp_path, 400),
+        "--test_after_fit",
+        "false",
+    ]
     run, took = interrupt(args, tmp_path, signal.SIGTERM, after=0.5)
     assert run.returncode == 128 + signal.SIGTERM, run.stderr[-3000:]
     assert took < 20, f"exit took {took:.1f} s"
@@ -289,8 +332,17 @@ def test_checkpoint_of_another_model_is_refused(
     config: str, fields: list[str], reference_run: tuple[Path, Run], tmp_path: Path
 ) -> None:
     checkpoint, _ = reference_run
-    run = train(["test", "--config", str(CONFIGS / "mnist" / f"{config}.yaml"), "--ckpt_path", str(checkpoint),
-                 *common(tmp_path)], tmp_path)
+    run = train(
+        [
+            "test",
+            "--config",
+            str(CONFIGS / "mnist" / f"{config}.yaml"),
+            "--ckpt_path",
+            str(checkpoint),
+            *common(tmp_path),
+        ],
+        tmp_path,
+    )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {checkpoint} "), run.stderr[-2000:]
@@ -317,8 +369,17 @@ def test_corrupt_test_file_is_found_before_the_first_training_step(tmp_path: Pat
     raw = bytearray(gzip.decompress(labels.read_bytes()))
     raw[5000] ^= 0x01  # one label byte: the archive stays a valid gzip, the content is wrong
     labels.write_bytes(gzip.compress(bytes(raw)))
-    run = train(["fit", "--config", str(CONFIGS / "mnist/p1h_ep.yaml"), *common(tmp_path),
-                 "--data.init_args.data_dir", str(data)], tmp_path)
+    run = train(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mnist/p1h_ep.yaml"),
+            *common(tmp_path),
+            "--data.init_args.data_dir",
+            str(data),
+        ],
+        tmp_path,
+    )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: checksum mismatch for") and str(labels) in lines[-1]
@@ -342,23 +403,22 @@ def _truncated_checkpoint(tmp: Path, source: Path) -> Path:
 ERROR_CASES = {
     "negative max_epochs": (lambda tmp, ckpt: ["fit", "--trainer.max_epochs", "-5"], "trainer.max_epochs=-5"),
     "gpu without GPU": (lambda tmp, ckpt: ["fit", "--trainer.accelerator", "gpu"], "trainer.accelerator='gpu'"),
-    "missing checkpoint": (
-        lambda tmp, ckpt: ["test", "--ckpt_path", str(tmp / "nowhere.ckpt")], "nowhere.ckpt"
-    ),
+    "missing checkpoint": (lambda tmp, ckpt: ["test", "--ckpt_path", str(tmp / "nowhere.ckpt")], "nowhere.ckpt"),
     "truncated checkpoint": (
-        lambda tmp, ckpt: ["test", "--ckpt_path", str(_truncated_checkpoint(tmp, ckpt))], "truncated.ckpt"
+        lambda tmp, ckpt: ["test", "--ckpt_path", str(_truncated_checkpoint(tmp, ckpt))],
+        "truncated.ckpt",
     ),
     "unwritable runs/": (
-        lambda tmp, ckpt: ["fit", "--trainer.logger.init_args.save_dir", str(tmp / "a_file" / "runs")], "a_file"
+        lambda tmp, ckpt: ["fit", "--trainer.logger.init_args.save_dir", str(tmp / "a_file" / "runs")],
+        "a_file",
     ),
     "YAML syntax error": (lambda tmp, ckpt: ["fit", "--config", str(_bad_yaml(tmp))], "broken.yaml"),
     "resume without a run": (lambda tmp, ckpt: ["fit", "--ckpt_path", "last"], "no earlier run"),
-    "huge T": (
-        lambda tmp, ckpt: ["fit", "--model.init_args.T", "1000000000"], f"exceeds {MAX_RELAXATION_STEPS}"
-    ),
+    "huge T": (lambda tmp, ckpt: ["fit", "--model.init_args.T", "1000000000"], f"exceeds {MAX_RELAXATION_STEPS}"),
     # found after the trainer (and the run folder) exist: the folder must be removed again
     "model does not fit the data": (
-        lambda tmp, ckpt: ["fit", "--model.init_args.net.init_args.layers", "[100, 10, 10]"], "layers[0]=100"
+        lambda tmp, ckpt: ["fit", "--model.init_args.net.init_args.layers", "[100, 10, 10]"],
+        "layers[0]=100",
     ),
 }
 #: Errors found after Lightning printed its start-up lines (seed, devices): the error is the last line.
@@ -404,10 +464,24 @@ def test_output_is_short_and_clean_when_redirected(reference_run: tuple[Path, Ru
 def test_fit_ckpt_path_last_after_sigkill_continues_the_latest_run(tmp_path: Path) -> None:
     """SIGKILL (no handler runs) after the first epoch's checkpoint: ``--ckpt_path last`` names the file it resumes
     from, continues in the same run folder and finishes the remaining epochs."""
-    args = ["fit", "--config", str(CONFIGS / "mnist/p1h_ep.yaml"), *common(tmp_path, 300),
-            "--trainer.max_epochs", "3", "--test_after_fit", "false"]
-    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "mnist/p1h_ep.yaml"),
+        *common(tmp_path, 300),
+        "--trainer.max_epochs",
+        "3",
+        "--test_after_fit",
+        "false",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     last = tmp_path / "runs/p1h_ep/version_0/checkpoints/last.ckpt"
     deadline = time.monotonic() + 180
     while not last.is_file() and process.poll() is None and time.monotonic() < deadline:

@@ -133,7 +133,13 @@ def test_symmetric_bias_on_converged_p1h_sigmoid_batch() -> None:
 def tiny(kind: str, activation: str | None = None) -> torch.nn.Module:
     """A small float64 net of ``kind``; ``activation`` replaces the kind's own σ."""
     torch.manual_seed(0)
-    conv = {"input_size": 14, "channels": [2, 3], "kernel_size": 3, "num_classes": 4, "activation": activation or "sigmoid"}
+    conv = {
+        "input_size": 14,
+        "channels": [2, 3],
+        "kernel_size": 3,
+        "num_classes": 4,
+        "activation": activation or "sigmoid",
+    }
     models = {
         "p1h_mse": lambda: PrototypicalNet([12, 9, 4]),
         "p2h_ce": lambda: PrototypicalNet([12, 9, 7, 4], activation=activation or "sigmoid", readout="ce"),
@@ -410,13 +416,34 @@ def test_return_index_batches() -> None:
 
 def fit_args(tmp_path: Path, *extra: str, config: str = "p1h_ep.yaml") -> list[str]:
     return [
-        "fit", "--config", str(ROOT / "configs" / "mnist" / config),
-        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]",
-        "--data.data_dir", str(ROOT / "data"), "--data.test_subset", "40", "--data.eval_batch_size", "40",
-        "--model.init_args.net.init_args.layers", "[784, 32, 10]",
-        "--threads", "1", "--test_after_fit", "false", *extra,
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "mnist" / config),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.callbacks",
+        "[]",
+        "--data.data_dir",
+        str(ROOT / "data"),
+        "--data.test_subset",
+        "40",
+        "--data.eval_batch_size",
+        "40",
+        "--model.init_args.net.init_args.layers",
+        "[784, 32, 10]",
+        "--threads",
+        "1",
+        "--test_after_fit",
+        "false",
+        *extra,
     ]
 
 
@@ -425,12 +452,24 @@ def test_warm_start_and_adaptive_relaxation_save_free_steps(tmp_path: Path) -> N
     every step: from zero the free phase stops early (≈8 of T = 30 steps, measured); with warm starts every image
     of the second epoch starts at its stored fixed point and stops after the first step. The table then holds every
     training image's last free state, and evaluation still relaxes from zero."""
-    common = ["--trainer.max_epochs", "2", "--data.train_subset", "100", "--model.init_args.free_tolerance", "1e-3",
-              "--model.init_args.check_every", "1", "--trainer.enable_checkpointing", "false",
-              "--model.init_args.lrs", "[0.0, 0.0]"]
+    common = [
+        "--trainer.max_epochs",
+        "2",
+        "--data.train_subset",
+        "100",
+        "--model.init_args.free_tolerance",
+        "1e-3",
+        "--model.init_args.check_every",
+        "1",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--model.init_args.lrs",
+        "[0.0, 0.0]",
+    ]
     cold = cli_main(fit_args(tmp_path / "cold", *common))
-    warm = cli_main(fit_args(tmp_path / "warm", *common, "--model.init_args.warm_start", "true",
-                             "--data.return_index", "true"))
+    warm = cli_main(
+        fit_args(tmp_path / "warm", *common, "--model.init_args.warm_start", "true", "--data.return_index", "true")
+    )
     cold_steps = float(cold.trainer.callback_metrics["train/free_steps"])  # epoch-2 mean
     warm_steps = float(warm.trainer.callback_metrics["train/free_steps"])
     assert 3 < cold_steps < 30 and warm_steps == 1.0, (cold_steps, warm_steps)
@@ -448,8 +487,17 @@ def test_warm_start_and_adaptive_relaxation_save_free_steps(tmp_path: Path) -> N
 
 def test_warm_start_needs_return_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(fit_args(tmp_path, "--trainer.max_epochs", "1", "--data.train_subset", "40",
-                          "--model.init_args.warm_start", "true"))
+        cli_main(
+            fit_args(
+                tmp_path,
+                "--trainer.max_epochs",
+                "1",
+                "--data.train_subset",
+                "40",
+                "--model.init_args.warm_start",
+                "true",
+            )
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "model.warm_start=true needs" in err and "data.return_index=true" in err
@@ -462,11 +510,29 @@ def test_resume_is_exact_with_random_sign_and_warm_start(tmp_path: Path) -> None
     """A run stopped at step 6 (epoch 2, batch 1 of 5) and resumed from its checkpoint ends with the weights and the
     warm-start table of an uninterrupted run, bit for bit. Control: the same resume from a checkpoint without the
     sign-generator state and the table ends elsewhere (what those entries buy)."""
-    common = ["--trainer.max_epochs", "2", "--data.train_subset", "100", "--model.init_args.nudging", "random_sign",
-              "--model.init_args.warm_start", "true", "--data.return_index", "true",
-              "--model.init_args.T", "8", "--model.init_args.K", "3",
-              "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "3",
-              "--trainer.callbacks.save_last", "true", "--trainer.callbacks.save_top_k", "-1"]
+    common = [
+        "--trainer.max_epochs",
+        "2",
+        "--data.train_subset",
+        "100",
+        "--model.init_args.nudging",
+        "random_sign",
+        "--model.init_args.warm_start",
+        "true",
+        "--data.return_index",
+        "true",
+        "--model.init_args.T",
+        "8",
+        "--model.init_args.K",
+        "3",
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps",
+        "3",
+        "--trainer.callbacks.save_last",
+        "true",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+    ]
     full = cli_main(fit_args(tmp_path / "full", *common))
     cli_main(fit_args(tmp_path / "part", *common, "--trainer.max_steps", "6"))
     ckpt_path = tmp_path / "part" / "checkpoints" / "last.ckpt"
@@ -490,9 +556,24 @@ def test_resume_is_exact_with_random_sign_and_warm_start(tmp_path: Path) -> None
 @pytest.mark.parametrize("config", ["p1h_ep_adam_cosine.yaml", "p1h_ep_sgd_momentum.yaml"])
 def test_per_group_lr_weight_decay_and_cosine_schedule_through_the_cli(config: str, tmp_path: Path) -> None:
     raw = yaml.safe_load((ROOT / "configs" / "mnist" / config).read_text())["model"]["init_args"]
-    cli = cli_main(fit_args(tmp_path, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
-                            "--data.train_subset", "40", "--model.init_args.T", "4", "--model.init_args.K", "2",
-                            "--trainer.enable_checkpointing", "false", config=config))
+    cli = cli_main(
+        fit_args(
+            tmp_path,
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.limit_train_batches",
+            "2",
+            "--data.train_subset",
+            "40",
+            "--model.init_args.T",
+            "4",
+            "--model.init_args.K",
+            "2",
+            "--trainer.enable_checkpointing",
+            "false",
+            config=config,
+        )
+    )
     optimizer = cli.trainer.optimizers[0]
     assert type(optimizer).__name__ == raw["optimizer"]["class_path"].rsplit(".", 1)[1]
     groups = optimizer.param_groups
@@ -510,13 +591,19 @@ def test_per_group_lr_weight_decay_and_cosine_schedule_through_the_cli(config: s
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"nudging": "two_sided"}, r"model.nudging='two_sided' is not known; allowed: 'one_sided', 'symmetric', 'random_sign'"),
+        (
+            {"nudging": "two_sided"},
+            r"model.nudging='two_sided' is not known; allowed: 'one_sided', 'symmetric', 'random_sign'",
+        ),
         ({"nudging": "symmetric", "algorithm": "bptt"}, r"model.nudging='symmetric' applies to EP only"),
         ({"free_tolerance": 0.0}, r"model.free_tolerance=0.0 is invalid"),
         ({"free_tolerance": float("inf")}, r"model.free_tolerance=inf is invalid"),
         ({"check_every": 0}, r"model.check_every=0 is invalid"),
         ({"weight_decays": [0.1]}, r"model.weight_decays=\[0.1\] has 1 entries but the model has 2 layer groups"),
-        ({"weight_decays": [0.1, -1.0]}, r"model.weight_decays=\[0.1, -1.0\] is invalid: weight decays must be finite and ≥ 0"),
+        (
+            {"weight_decays": [0.1, -1.0]},
+            r"model.weight_decays=\[0.1, -1.0\] is invalid: weight decays must be finite and ≥ 0",
+        ),
     ],
 )
 def test_variant_options_are_validated(kwargs: dict, message: str) -> None:
@@ -544,8 +631,9 @@ def test_variants_under_ddp_equal_one_process(kind: str, readout: str, nudging: 
         if kind == "p":
             base = PrototypicalNet(base.layers, activation="sigmoid", readout="ce")
         else:
-            base = ConvPrototypicalNet(input_size=14, channels=[2, 3], kernel_size=3, num_classes=H.CLASSES,
-                                       activation="sigmoid", readout="ce")
+            base = ConvPrototypicalNet(
+                input_size=14, channels=[2, 3], kernel_size=3, num_classes=H.CLASSES, activation="sigmoid", readout="ce"
+            )
     groups = len(base.parameter_groups())
     module = EquilibriumModule(base, T=8, K=4, beta=0.2, lrs=[0.5] * groups, nudging=nudging, sign_seed=3)
     if nudging == "random_sign":
@@ -584,21 +672,41 @@ def test_training_step_reads_no_tensor_value_on_the_host(
                     original = getattr(torch.Tensor, name)
                     m.setattr(torch.Tensor, name, lambda t, *a, _n=name, _o=original: (reads.append(_n), _o(t, *a))[1])
                 out = super().training_step(batch, batch_idx)
-            per_step.append(reads[sum(map(len, per_step)):])
+            per_step.append(reads[sum(map(len, per_step)) :])
             return out
 
     torch.manual_seed(0)
-    module = Probe(PrototypicalNet([12, 9, 4]), algorithm=algorithm, T=6, K=3, beta=0.3, lrs=[0.1, 0.1],
-                   nudging=nudging, warm_start=warm_start)
+    module = Probe(
+        PrototypicalNet([12, 9, 4]),
+        algorithm=algorithm,
+        T=6,
+        K=3,
+        beta=0.3,
+        lrs=[0.1, 0.1],
+        nudging=nudging,
+        warm_start=warm_start,
+    )
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.rand(12, 12, generator=g), torch.randint(0, 4, (12,), generator=g), torch.arange(12))
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     with monkeypatch.context() as m:
         m.setattr(base, "check_training_step", lambda *args: True)
         trainer.fit(module, DataLoader(data, batch_size=4))
     assert trainer.global_step == 3 and per_step == [[], [], []], per_step
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, DataLoader(data, batch_size=4))
     assert "__bool__" in reads, "control: the guard's check is a host read"

@@ -46,15 +46,32 @@ SIGMOID, HARD = "sigmoid", "hard_sigmoid"
 MODELS: dict[str, dict[str, Any]] = {
     "p1h": {"kind": "p", "layers": [784, 512, 10], "T": 30, "K": 10, "beta": 0.1, "dt": 1.0, "activation": SIGMOID},
     "p2h": {
-        "kind": "p", "layers": [784, 512, 512, 10], "T": 100, "K": 20, "beta": 0.5, "dt": 1.0, "activation": SIGMOID
+        "kind": "p",
+        "layers": [784, 512, 512, 10],
+        "T": 100,
+        "K": 20,
+        "beta": 0.5,
+        "dt": 1.0,
+        "activation": SIGMOID,
     },
     "p3h": {
-        "kind": "p", "layers": [784, 512, 512, 512, 10], "T": 180, "K": 20, "beta": 0.5, "dt": 1.0,
+        "kind": "p",
+        "layers": [784, 512, 512, 512, 10],
+        "T": 180,
+        "K": 20,
+        "beta": 0.5,
+        "dt": 1.0,
         "activation": SIGMOID,
     },
     "eb1h": {"kind": "eb", "layers": [784, 512, 10], "T": 100, "K": 12, "beta": 0.5, "eps": 0.2, "activation": SIGMOID},
     "eb2h": {
-        "kind": "eb", "layers": [784, 512, 512, 10], "T": 500, "K": 40, "beta": 0.5, "eps": 0.2, "activation": SIGMOID
+        "kind": "eb",
+        "layers": [784, 512, 512, 10],
+        "T": 500,
+        "K": 40,
+        "beta": 0.5,
+        "eps": 0.2,
+        "activation": SIGMOID,
     },
     "pconv": {"kind": "conv", "channels": [32, 64], "T": 200, "K": 10, "beta": 0.4, "activation": HARD},
 }

@@ -346,7 +346,10 @@ class ConvergenceMonitor(L.Callback):
                 "ConvergenceMonitor: the free phase ended unconverged (residual ≥ %g after T = %d steps) for %.0f%% "
                 "of the %s; EP's gradient estimate (the GDU property) assumes a converged free phase: raise T or "
                 "check the dynamics.",
-                self.tolerance, snap.free.residuals.shape[0], 100 * frac, where,
+                self.tolerance,
+                snap.free.residuals.shape[0],
+                100 * frac,
+                where,
             )
 
     # --- writing ------------------------------------------------------------------------------------------------
@@ -361,7 +364,8 @@ class ConvergenceMonitor(L.Callback):
         def curves(prefix: str) -> dict[str, list[Any]]:
             charts = {
                 f"log10 residual {name} (free, then nudged)": [
-                    "Multiline", [rf"^{prefix}(free|nudged)/log10_residual/{name}$"]
+                    "Multiline",
+                    [rf"^{prefix}(free|nudged)/log10_residual/{name}$"],
                 ]
                 for name in [*names, WHOLE_STATE]
             }
@@ -412,7 +416,12 @@ class ConvergenceMonitor(L.Callback):
                 writer.close()
 
     def _write_figures(
-        self, trainer: L.Trainer, snap: Snapshot, pl_module: L.LightningModule, step: int, prefix: str,
+        self,
+        trainer: L.Trainer,
+        snap: Snapshot,
+        pl_module: L.LightningModule,
+        step: int,
+        prefix: str,
         trajectories: bool = True,
     ) -> None:
         """Relaxation figure (and, when ``trajectories``, the output-trajectory figure)."""
@@ -482,8 +491,14 @@ def _first_samples(loader: DataLoader, n: int) -> tuple[Tensor, Tensor]:
     if not isinstance(dataset, IterableDataset):
         # A private generator: starting a DataLoader iterator draws a seed, which must not come from the global RNG
         # (that would change the shuffling of the training run being monitored).
-        fixed = DataLoader(dataset, batch_size=n, shuffle=False, collate_fn=loader.collate_fn, num_workers=0,
-                           generator=torch.Generator())
+        fixed = DataLoader(
+            dataset,
+            batch_size=n,
+            shuffle=False,
+            collate_fn=loader.collate_fn,
+            num_workers=0,
+            generator=torch.Generator(),
+        )
         batch = next(iter(fixed))
         return batch[0], batch[1]
     xs, ys, count = [], [], 0
@@ -536,9 +551,11 @@ def relaxation_figure(snap: Snapshot, tolerance: float) -> np.ndarray:
     for ax in (ax_res, ax_phi):
         if snap.nudged is not None:
             ax.axvline(T + 0.5, color="red", lw=0.8, ls=":")
-    ax_res.set(ylabel="‖s_t − s_{t−1}‖ (batch mean)",
-               title=f"free phase: {snap.free.steps_to_tol} steps to tolerance"
-               + (f"; nudged phase (after the red line): {snap.nudged.steps_to_tol}" if snap.nudged else ""))
+    ax_res.set(
+        ylabel="‖s_t − s_{t−1}‖ (batch mean)",
+        title=f"free phase: {snap.free.steps_to_tol} steps to tolerance"
+        + (f"; nudged phase (after the red line): {snap.nudged.steps_to_tol}" if snap.nudged else ""),
+    )
     ax_res.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax_phi.set(xlabel="relaxation step t", ylabel="Φ (or −E), batch mean")
     ax_phi.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -562,14 +579,20 @@ def trajectory_figure(snap: Snapshot) -> np.ndarray:
     for i, ax in enumerate(axes):
         for unit in range(traj.shape[2]):
             target = unit == int(labels[i])
-            ax.plot(t, traj[:, i, unit].double().numpy(), color=f"C{unit % 10}", lw=2.5 if target else 0.9,
-                    label=f"unit {unit}")
+            ax.plot(
+                t,
+                traj[:, i, unit].double().numpy(),
+                color=f"C{unit % 10}",
+                lw=2.5 if target else 0.9,
+                label=f"unit {unit}",
+            )
         if snap.nudged is not None:
             ax.axvline(T, color="red", lw=0.8, ls=":")
         ax.set(title=f"sample {i}: label {int(labels[i])}, predicted {int(predicted[i])}", xlabel="relaxation step t")
     axes[0].set_ylabel("output unit state")
-    fig.suptitle("output units against t (bold: the target unit" + ("; red line: nudge on)" if snap.nudged else ")"),
-                 fontsize=9)
+    fig.suptitle(
+        "output units against t (bold: the target unit" + ("; red line: nudge on)" if snap.nudged else ")"), fontsize=9
+    )
     axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.subplots_adjust(left=0.06, right=0.9, top=0.8, bottom=0.15, wspace=0.08)
     return _render(fig)

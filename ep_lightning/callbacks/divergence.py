@@ -48,8 +48,11 @@ def _describe(t: Tensor) -> str:
 
 def _knobs(module: RelaxingSystem) -> str:
     """The settings that usually cause divergence, with their current values."""
-    parts = [f"model.{field}={value}" for field, value in
-             (("beta", module.beta), ("lrs", module.lrs), ("T", module.T), ("K", module.K)) if value]
+    parts = [
+        f"model.{field}={value}"
+        for field, value in (("beta", module.beta), ("lrs", module.lrs), ("T", module.T), ("K", module.K))
+        if value
+    ]
     for field in ("eps", "dt"):  # the step sizes of EB and P nets (model-specific hyperparameters)
         value = getattr(module.net, field, None)
         if value is not None:

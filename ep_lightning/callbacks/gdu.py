@@ -55,7 +55,9 @@ class GDUMonitor(L.Callback):
         self.log_figures = log_figures
         self._batch: tuple[Tensor, Tensor] | None = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.every_n_epochs and self._batch is None:
             x, labels = batch[0], batch[1]
             self._batch = (x[: self.max_samples].detach().clone(), labels[: self.max_samples].detach().clone())

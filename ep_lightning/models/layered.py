@@ -99,8 +99,10 @@ def bilinear_contrast(
             if below_free is below_nudged:
                 outer = delta_above.T @ below_free
             else:
-                above = torch.cat([free[n + 1] * scale, nudged[n + 1] * -scale]) if scale != 1.0 else torch.cat(
-                    [free[n + 1], -nudged[n + 1]]
+                above = (
+                    torch.cat([free[n + 1] * scale, nudged[n + 1] * -scale])
+                    if scale != 1.0
+                    else torch.cat([free[n + 1], -nudged[n + 1]])
                 )
                 outer = above.T @ torch.cat([below_free, below_nudged])
             params.append(synapse.weight)

@@ -128,7 +128,8 @@ class EnergySystem(L.LightningModule):
         for spec in self.optimizer_specs():
             readout = " (the last one is the softmax read-out)" if spec.readout else ""
             for field, values, what in (
-                (spec.lrs_field, spec.lrs, "learning rate"), ("weight_decays", spec.weight_decays, "weight decay")
+                (spec.lrs_field, spec.lrs, "learning rate"),
+                ("weight_decays", spec.weight_decays, "weight decay"),
             ):
                 if values is None:
                     continue
@@ -299,7 +300,9 @@ class EPSystem(EnergySystem):
                 "(the residual tests stop the compiled graph); set one of them to false / null"
             )
         if self.check_every < 1:
-            raise ValueError(f"model.check_every={self.check_every} is invalid: use an integer ≥ 1 (steps between tests)")
+            raise ValueError(
+                f"model.check_every={self.check_every} is invalid: use an integer ≥ 1 (steps between tests)"
+            )
 
     # --- hooks ----------------------------------------------------------------------------------------------
     def start_state(self, x: Tensor, index: Tensor | None) -> State:
@@ -341,7 +344,11 @@ class EPSystem(EnergySystem):
             beta = torch.full((2 * batch, 1), beta_b, dtype=free[0].dtype, device=free[0].device)
             beta[batch:] = beta_a
             doubled = relax(
-                self.net, repeat_batch(drive, batch), tuple(torch.cat([s, s]) for s in free), self.K, beta,
+                self.net,
+                repeat_batch(drive, batch),
+                tuple(torch.cat([s, s]) for s in free),
+                self.K,
+                beta,
                 torch.cat([target, target]),
             )
             return free, tuple(s[batch:] for s in doubled), tuple(s[:batch] for s in doubled)

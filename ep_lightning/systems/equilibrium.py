@@ -84,8 +84,19 @@ class EquilibriumModule(EPSystem):
                 null: K).
         """
         super().__init__(
-            net, T, K, beta, nudging, sign_seed, eval_steps, optimizer, lr_scheduler, algorithm=algorithm,
-            bptt_steps=bptt_steps, free_tolerance=free_tolerance, check_every=check_every,
+            net,
+            T,
+            K,
+            beta,
+            nudging,
+            sign_seed,
+            eval_steps,
+            optimizer,
+            lr_scheduler,
+            algorithm=algorithm,
+            bptt_steps=bptt_steps,
+            free_tolerance=free_tolerance,
+            check_every=check_every,
             compile_relaxation=compile_relaxation,
         )
         self.save_hyperparameters(ignore=["net"])
@@ -141,4 +152,3 @@ class EquilibriumModule(EPSystem):
         super().on_load_checkpoint(checkpoint)
         if self.warm_states is not None and WARM_START_KEY in checkpoint:
             self.warm_states.load_state_dict(checkpoint[WARM_START_KEY])
-
