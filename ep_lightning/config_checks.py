@@ -207,9 +207,32 @@ def _normal(value: Any) -> Any:
     return value
 
 
+#: Keys of the systems that were renamed: old name → (new name, example).
+RENAMED_SYSTEM_KEYS = {
+    "model": ("net", "the inner network: model.init_args.net, e.g. --model.net.init_args.layers"),
+    "T_minus": ("T", "model.init_args.T"),
+    "T_plus": ("K", "model.init_args.K"),
+    "random_sign": ("nudging", "nudging: random_sign (or one_sided)"),
+    "seed": ("sign_seed", "model.init_args.sign_seed"),
+}
+
+
+def renamed_key(parts: list[str]) -> str | None:
+    """What to write instead when a dotted key (``model.init_args.model.…``, ``model.model.…``) uses a renamed system
+    key; None otherwise."""
+    if not parts or parts[0] != "model":
+        return None
+    rest = parts[2:] if len(parts) > 2 and parts[1] == "init_args" else parts[1:]
+    if not rest or rest[0] not in RENAMED_SYSTEM_KEYS:
+        return None
+    new, example = RENAMED_SYSTEM_KEYS[rest[0]]
+    return f"'{rest[0]}' is now '{new}' ({example})"
+
+
 def config_file_errors(argv: list[str], defaults: list[Path]) -> str | None:
     """One line for the first config file (``--config X`` in ``argv``, or a default file) that is missing or not
-    valid YAML, naming the file, the line and column; None if all parse."""
+    valid YAML (naming the file, the line and column), or for a renamed system key in ``argv`` or a config file;
+    None if all is well."""
     import yaml
 
     files = [p for p in defaults if p.is_file()]
@@ -218,11 +241,20 @@ def config_file_errors(argv: list[str], defaults: list[Path]) -> str | None:
             files.append(Path(argv[i + 1]))
         elif arg.startswith("--config="):
             files.append(Path(arg.split("=", 1)[1]))
+    for arg in argv:
+        old = renamed_key(arg.lstrip("-").split("=", 1)[0].split("."))
+        if old is not None and arg.startswith("--"):
+            return f"{arg.split('=', 1)[0]} uses a renamed key: {old}"
     for path in files:
         if not path.is_file():
             return f"config file {path} does not exist; check the path given to --config"
         try:
-            yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text())
+            system = ((loaded or {}).get("model") or {}) if isinstance(loaded, dict) else {}
+            for key in list((system.get("init_args") or {}) if isinstance(system, dict) else {}):
+                old = renamed_key(["model", "init_args", key])
+                if old is not None:
+                    return f"config file {path} uses a renamed key: {old}"
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -90,3 +90,38 @@ def test_threads_option_sets_torch_threads(repo_root: Path) -> None:
             configure_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("--model.init_args.model.init_args.layers", "'net'"),
+        ("--model.model.init_args.layers", "'net'"),
+        ("--model.init_args.T_minus", "'T'"),
+        ("--model.init_args.random_sign", "'nudging'"),
+    ],
+)
+def test_renamed_key_is_one_line_naming_the_new_key(old: str, new: str, tmp_path: Path) -> None:
+    """A key renamed by the redesign (the inner network `model` → `net`, IEP's T_minus → T, …) fails at once with one
+    line naming the old key and the new one, before any run folder exists."""
+    root = Path(__file__).parents[1]
+    result = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", "configs/mnist/p1h_ep.yaml", old, "1",
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")],
+        cwd=root, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2
+    assert len(lines) == 1 and lines[0].startswith(f"error: {old} uses a renamed key") and new in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_file_with_a_renamed_key_names_the_file(tmp_path: Path) -> None:
+    from ep_lightning.config_checks import config_file_errors
+
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  class_path: ep_lightning.systems.EquilibriumModule\n  init_args:\n    model: {}\n")
+    message = config_file_errors(["fit", "--config", str(old)], [])
+    assert message is not None and str(old) in message and "'model' is now 'net'" in message
+    shipped = Path(__file__).parents[1] / "configs" / "mnist" / "p1h_ep.yaml"
+    assert config_file_errors(["fit", "--config", str(shipped)], []) is None
