@@ -249,6 +249,7 @@ def part_throughput(args: argparse.Namespace, records: Path) -> None:
 def one_step_update(config: str, device: str, overrides: list[str], precision: str) -> dict[str, Any]:
     """Weights after − before one training step of the config's system on its first batch (float64, on the CPU)."""
     import torch
+    from throughput import QUIET_TRAINER
 
     from ep_lightning.cli import cli_main
 
@@ -256,16 +257,7 @@ def one_step_update(config: str, device: str, overrides: list[str], precision: s
         [
             "--config",
             config,
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            "--trainer.callbacks",
-            "[]",
+            *QUIET_TRAINER,
             "--trainer.accelerator",
             device,
             "--trainer.devices",
@@ -380,7 +372,7 @@ def part_train(args: argparse.Namespace, records: Path) -> None:
     """P-conv EP on the full training set while the part's time lasts; test error after every (partial) epoch."""
     import lightning as L
     import torch
-    from throughput import inner_network
+    from throughput import QUIET_TRAINER, inner_network
 
     from ep_lightning.cli import cli_main
 
@@ -396,16 +388,7 @@ def part_train(args: argparse.Namespace, records: Path) -> None:
         [
             "--config",
             config,
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            "--trainer.callbacks",
-            "[]",
+            *QUIET_TRAINER,
             "--trainer.accelerator",
             args.device,
             "--trainer.devices",

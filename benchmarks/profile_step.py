@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import inner_network, machine
+from throughput import QUIET_TRAINER, inner_network, machine
 
 from ep_lightning.cli import cli_main
 from ep_lightning.runtime import configure_threads, tune_allocator
@@ -104,20 +104,11 @@ def build(args: argparse.Namespace, batches: int) -> Any:
         [
             "--config",
             args.config,
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
+            *QUIET_TRAINER,
             "--trainer.accelerator",
             "cpu",
             "--trainer.devices",
             "1",
-            "--trainer.callbacks",
-            "[]",
             "--trainer.max_epochs",
             "1",
             "--trainer.limit_train_batches",

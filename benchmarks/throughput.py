@@ -27,6 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ep_lightning.cli import cli_main
 from ep_lightning.runtime import configure_threads, tune_allocator
 
+#: Trainer settings of a measurement: nothing but the training and evaluation loops (no logger, checkpoints,
+#: progress bar, model summary or callbacks).
+QUIET_TRAINER = [
+    "--trainer.logger", "false",
+    "--trainer.enable_checkpointing", "false",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    "--trainer.callbacks", "[]",
+]  # fmt: skip
+
 
 class BatchTimer(L.Callback):
     """Wall time of training batches after ``warmup`` batches (synchronising CUDA at both ends)."""
@@ -148,20 +158,11 @@ def measure(args: argparse.Namespace) -> dict:
         [
             "--config",
             args.config,
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
+            *QUIET_TRAINER,
             "--trainer.accelerator",
             args.device,
             "--trainer.devices",
             "1",
-            "--trainer.callbacks",
-            "[]",
             "--trainer.max_epochs",
             "1",
             "--trainer.limit_train_batches",
