@@ -61,6 +61,20 @@ PARITY_FACTOR = 10.0
 
 
 # --------------------------------------------------------------------------------------------- shared helpers
+def record_failure(records: Path, record: dict[str, Any], start: float, err: Exception) -> None:
+    """Append ``record`` as failed with the error and the seconds since ``start``: one failing setting or system
+    must not hide the others."""
+    append_record(
+        records,
+        {
+            **record,
+            "status": "failed",
+            "seconds": round(time.monotonic() - start, 1),
+            "error": f"{type(err).__name__}: {str(err)[:500]}",
+        },
+    )
+
+
 def step_overrides(config: str, free: int, nudged: int) -> list[str]:
     """``key=value`` overrides setting a config's free and nudged steps, under the names its system uses."""
     import yaml
@@ -231,15 +245,7 @@ def part_throughput(args: argparse.Namespace, records: Path) -> None:
                 },
             )
         except Exception as err:  # noqa: BLE001 - recorded; one failing setting must not hide the others
-            append_record(
-                records,
-                {
-                    **record,
-                    "status": "failed",
-                    "seconds": round(time.monotonic() - start, 1),
-                    "error": f"{type(err).__name__}: {str(err)[:500]}",
-                },
-            )
+            record_failure(records, record, start, err)
         torch._dynamo.reset()
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -355,15 +361,7 @@ def part_parity(args: argparse.Namespace, records: Path) -> None:
                 },
             )
         except Exception as err:  # noqa: BLE001 - recorded; one failing system must not hide the others
-            append_record(
-                records,
-                {
-                    **record,
-                    "status": "failed",
-                    "seconds": round(time.monotonic() - start, 1),
-                    "error": f"{type(err).__name__}: {str(err)[:500]}",
-                },
-            )
+            record_failure(records, record, start, err)
         torch._dynamo.reset()
 
 

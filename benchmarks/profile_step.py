@@ -179,17 +179,27 @@ def lightning_pass(args: argparse.Namespace) -> tuple[dict[str, float], list[str
     return ms, found, cli
 
 
-def bare_pass(args: argparse.Namespace, cli: Any) -> dict[str, float]:
-    """Pass 2: the same step in a plain loop (relaxation phases, surrogate, backward, SGD), no Lightning."""
+def update_parts(cli: Any) -> tuple[Any, Any, Callable, Callable, torch.optim.Optimizer] | None:
+    """(system, net, unwrapped phase runner, unwrapped EP surrogate, a tiny-lr SGD over the net's groups), or None
+    for a system without EP phases."""
     module = cli.model
     net = inner_network(module)
     if not hasattr(module, "phases"):
-        return {}
+        return None
     from ep_lightning.systems import base as system_module
 
     surrogate = getattr(system_module.ep_surrogate, "__wrapped__", system_module.ep_surrogate)
     phases = getattr(module.phases, "__wrapped__", module.phases)
     optimizer = torch.optim.SGD([{"params": g, "lr": 1e-6} for g in net.parameter_groups()], lr=1e-6)
+    return module, net, phases, surrogate, optimizer
+
+
+def bare_pass(args: argparse.Namespace, cli: Any) -> dict[str, float]:
+    """Pass 2: the same step in a plain loop (relaxation phases, surrogate, backward, SGD), no Lightning."""
+    parts = update_parts(cli)
+    if parts is None:
+        return {}
+    module, net, phases, surrogate, optimizer = parts
     loader = cli.datamodule.train_dataloader()
     batches = [b for _, b in zip(range(args.batches), loader)]
     times = {"relaxation": 0.0, "surrogate": 0.0, "backward": 0.0, "step": 0.0, "total": 0.0}
@@ -256,15 +266,10 @@ def relaxation_pass(args: argparse.Namespace, cli: Any) -> dict[str, Any]:
 
 def update_pass(args: argparse.Namespace, cli: Any) -> dict[str, Any]:
     """Pass 4: the update after the relaxation (EP surrogate, backward, SGD step) under ``torch.profiler``."""
-    module = cli.model
-    net = inner_network(module)
-    if not hasattr(module, "phases"):
+    parts = update_parts(cli)
+    if parts is None:
         return {}
-    from ep_lightning.systems import base as system_module
-
-    surrogate = getattr(system_module.ep_surrogate, "__wrapped__", system_module.ep_surrogate)
-    phases = getattr(module.phases, "__wrapped__", module.phases)
-    optimizer = torch.optim.SGD([{"params": g, "lr": 1e-6} for g in net.parameter_groups()], lr=1e-6)
+    module, net, phases, surrogate, optimizer = parts
     batch = next(iter(cli.datamodule.train_dataloader()))
     x, labels = batch[0], batch[1]
     target = net.encode_target(labels, x)
