@@ -27,9 +27,7 @@ import torch
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ep_lightning.callbacks.divergence import DivergenceError
 from ep_lightning.config_checks import (
-    ConfigError,
     check_checkpoint_matches,
     check_relaxation_steps,
     check_trainer_settings,
@@ -38,6 +36,7 @@ from ep_lightning.config_checks import (
     user_error,
 )
 from ep_lightning.data import MNISTDataModule
+from ep_lightning.errors import ConfigError, DivergenceError
 from ep_lightning.interrupt import SIGNALS as STOP_SIGNALS
 from ep_lightning.interrupt import GracefulInterrupt, Interrupted
 from ep_lightning.progress import SummaryWithoutFlops, progress_for_output

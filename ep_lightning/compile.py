@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch._dynamo.exc import TorchDynamoException
 
-from ep_lightning.config_checks import ConfigError
+from ep_lightning.errors import ConfigError
 
 
 class CompiledPhases:

@@ -13,12 +13,10 @@ from typing import Any
 
 from torch import nn
 
+from ep_lightning.errors import ConfigError, DataFileError, DivergenceError
+
 #: Folder of this package: a ValueError raised by code in here is a message written for the user.
 _PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid or does not fit the data; the message names the field, value and fix."""
 
 
 def model_input_shape(model: nn.Module) -> tuple[int, ...] | None:
@@ -100,9 +98,6 @@ def user_error(err: BaseException) -> BaseException | None:
     ep_lightning code (the checks in ``__init__`` methods). Errors from deep inside torch or Lightning are not
     (their traceback is what a developer needs), so this returns ``None`` for them.
     """
-    from ep_lightning.callbacks.divergence import DivergenceError  # here: avoids an import cycle
-    from ep_lightning.data import DataFileError
-
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:

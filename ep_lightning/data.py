@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ep_lightning.errors import DataFileError
+
 #: MD5 of the *uncompressed* official MNIST files (LeCun, Cortes, Burges).
 MNIST_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -30,10 +32,6 @@ SPLIT_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_DTYPES = {0x08: torch.uint8}
-
-
-class DataFileError(RuntimeError):
-    """A data file is missing, truncated or does not match its checksum."""
 
 
 def find_idx_file(raw_dir: Path, stem: str) -> Path:

@@ -23,14 +23,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from ep_lightning.errors import DivergenceError
 from ep_lightning.protocols import RelaxingSystem
 
 #: Phases in the order a training step runs them (the first non-finite one is the likely origin).
 PHASE_ORDER = ("weights", "free", "nudged", "nudged_a", "update")
-
-
-class DivergenceError(FloatingPointError):
-    """NaN or Inf appeared in the weights, the states or the update of a training step."""
 
 
 def _finite_summary(tensors: Sequence[Tensor]) -> Tensor:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from ep_lightning.config_checks import ConfigError
+from ep_lightning.errors import ConfigError
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.systems.base import EPSystem, Nudging, OptimizerSpec, float_list, sgd
 from ep_lightning.warm_start import PersistentStates
