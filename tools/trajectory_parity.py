@@ -28,12 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from parity_fixtures import authors_args, authors_modules, import_authors  # noqa: E402
+from parity_fixtures import authors_args, authors_modules, import_authors
 
-from ep_lightning.data import load_idx  # noqa: E402
-from ep_lightning.estimators import ep_surrogate  # noqa: E402
-from ep_lightning.models import PrototypicalNet  # noqa: E402
-from ep_lightning.relaxation import relax  # noqa: E402
+from ep_lightning.data import load_idx
+from ep_lightning.estimators import ep_surrogate
+from ep_lightning.models import PrototypicalNet
+from ep_lightning.relaxation import relax
 
 #: Table 1 rows (configs/mnist/<row>_ep.yaml): layers input → output, T, K, β, learning rates input → output.
 ROWS = {
