@@ -8,14 +8,14 @@ the training device.
 - ``augment``   per-channel normalisation, random flip + edge-padded crop as a function of (seed, epoch, sample)
 - ``download``  ``data.download: true`` with urllib, MD5-checked
 - ``base``      the shared DataModule: splits, checks, device-resident tensors, loaders, augmentation hook
-- ``mnist``     MNISTDataModule, FashionMNISTDataModule          ``cifar``  CIFAR10DataModule, CIFAR100DataModule
+- ``mnist``     MNISTDataModule, FashionMNISTDataModule         ``cifar``  CIFAR10DataModule, CIFAR100DataModule
 """
 
 from ep_lightning.data.augment import LABORIEUX_MEAN, LABORIEUX_STD, RandomFlipCrop, flip_crop, normalize
 from ep_lightning.data.base import ImageDataModule
 from ep_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule, CIFARDataModule
 from ep_lightning.data.formats import find_idx_file, load_cifar_batch, load_idx, parse_idx, read_idx_bytes
-from ep_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from ep_lightning.data.mnist import FashionMNISTDataModule, IDXDataModule, MNISTDataModule
 from ep_lightning.data.sampling import (
     EpochShuffleSampler,
     PermutationBatchSampler,
@@ -42,6 +42,7 @@ __all__ = [
     "DataFileError",
     "EpochShuffleSampler",
     "FashionMNISTDataModule",
+    "IDXDataModule",
     "ImageDataModule",
     "MNISTDataModule",
     "PermutationBatchSampler",

@@ -11,11 +11,86 @@ from torch import Tensor
 from ep_lightning.data.base import ImageDataModule
 from ep_lightning.data.download import download_idx
 from ep_lightning.data.formats import load_idx
-from ep_lightning.data.sources import IDX_SOURCES, MNIST_MD5, SPLIT_FILES
+from ep_lightning.data.sources import IDX_SOURCES, SPLIT_FILES
 from ep_lightning.errors import DataFileError
 
 
-class MNISTDataModule(ImageDataModule):
+class IDXDataModule(ImageDataModule):
+    """A dataset in MNIST's IDX layout in ``<data_dir>/<name>/raw/``; ``name`` is the class's ``dataset`` unless the
+    subclass offers it as an option."""
+
+    dataset = "MNIST"
+
+    @property
+    def dataset_name(self) -> str:
+        """The folder under ``data_dir``: the ``name`` option where the class has one, else ``dataset``."""
+        return self.hparams.get("name", self.dataset)
+
+    def check_options(self) -> None:
+        super().check_options()
+        if self.hparams.verify_checksums and self.dataset_name not in IDX_SOURCES:
+            raise ValueError(
+                f"data.name={self.dataset_name!r} has no official checksums here (known: {', '.join(IDX_SOURCES)}); "
+                f"set data.init_args.verify_checksums: false to read it unchecked"
+            )
+
+    @property
+    def raw_dir(self) -> Path:
+        return Path(self.hparams.data_dir) / self.dataset_name / "raw"
+
+    def _md5(self) -> dict[str, str]:
+        source = IDX_SOURCES.get(self.dataset_name)
+        return source.md5 if source is not None else {}  # unknown datasets are read with verify_checksums: false
+
+    # --- files -----------------------------------------------------------------------------------------------
+    def missing_files(self) -> list[str]:
+        raw = self.raw_dir
+        stems = [stem for pair in SPLIT_FILES.values() for stem in pair]
+        return [s for s in stems if not ((raw / s).is_file() or (raw / f"{s}.gz").is_file())]
+
+    def _hint(self) -> str:
+        """What to do about a missing file: where the official files are, which folder, which options."""
+        name, raw = self.dataset_name, self.raw_dir
+        source = IDX_SOURCES.get(name)
+        official = f"the official files ({source.mirrors[0]}<file>.gz)" if source is not None else "the IDX files"
+        shipped = f" (a clone of this repository ships {name} in data/{name}/raw)" if source is not None else ""
+        download = ", or set `data.init_args.download: true`" if source is not None else ""
+        return (
+            f"put {official} in {raw}{shipped}, point `data.init_args.data_dir` at the folder that holds "
+            f"'{name}/raw'{download}"
+        )
+
+    def missing_file_error(self, name: str) -> DataFileError:
+        return DataFileError(f"missing data file {self.raw_dir / name}[.gz]: {self._hint()}")
+
+    def _download(self) -> None:
+        source = IDX_SOURCES.get(self.dataset_name)
+        if source is None:
+            raise DataFileError(
+                f"data.download=true: no official source is known for data.name={self.dataset_name!r} "
+                f"(known: {', '.join(IDX_SOURCES)}); copy its IDX files into {self.raw_dir}"
+            )
+        download_idx(source, self.raw_dir, self.missing_files())
+
+    def read_split(self, split: str) -> tuple[Tensor, Tensor]:
+        image_stem, label_stem = SPLIT_FILES[split]
+        verify, md5, hint = self.hparams.verify_checksums, self._md5(), self._hint()
+        images = load_idx(self.raw_dir, image_stem, verify, md5, hint)
+        labels = load_idx(self.raw_dir, label_stem, verify, md5, hint).long()
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise DataFileError(
+                f"{self.raw_dir}: {split} images have shape {tuple(images.shape)} and labels {tuple(labels.shape)}; "
+                f"expected (N, H, W) images and N labels"
+            )
+        return images.unsqueeze(1), labels
+
+    def count_classes(self, labels: Tensor) -> int:
+        """1 + the largest label over every split read so far."""
+        classes = int(labels.max()) + 1 if labels.numel() else 0
+        return max(classes, self.num_classes or 0)
+
+
+class MNISTDataModule(IDXDataModule):
     """MNIST from IDX files, offline, with a seeded validation split and optional device-resident tensors.
 
     Batches are ``(images, labels)``: float32 images (B, 1, 28, 28) in [0, 1] and int64 labels (B,); with
@@ -65,79 +140,20 @@ class MNISTDataModule(ImageDataModule):
         """
         super().__init__()
 
-    def check_options(self) -> None:
-        super().check_options()
-        name = self.hparams.name
-        if self.hparams.verify_checksums and name not in IDX_SOURCES:
-            raise ValueError(
-                f"data.name={name!r} has no official checksums here (known: {', '.join(IDX_SOURCES)}); "
-                f"set data.init_args.verify_checksums: false to read it unchecked"
-            )
 
-    @property
-    def raw_dir(self) -> Path:
-        return Path(self.hparams.data_dir) / self.hparams.name / "raw"
+class FashionMNISTDataModule(IDXDataModule):
+    """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017: ten classes of Zalando article images in MNIST's IDX layout and
+    sizes) from ``<data_dir>/FashionMNIST/raw/``, checked against the official MD5s.
 
-    def _md5(self) -> dict[str, str]:
-        source = IDX_SOURCES.get(self.hparams.name)
-        return source.md5 if source is not None else MNIST_MD5
+    Options as :class:`MNISTDataModule` except ``name`` (the folder is always ``FashionMNIST``: switching
+    ``data.class_path`` from MNIST cannot carry ``name: MNIST`` over).
+    """
 
-    # --- files -----------------------------------------------------------------------------------------------
-    def missing_files(self) -> list[str]:
-        raw = self.raw_dir
-        stems = [stem for pair in SPLIT_FILES.values() for stem in pair]
-        return [s for s in stems if not ((raw / s).is_file() or (raw / f"{s}.gz").is_file())]
-
-    def _hint(self) -> str:
-        """What to do about a missing file: where the official files are, which folder, which options."""
-        name, raw = self.hparams.name, self.raw_dir
-        source = IDX_SOURCES.get(name)
-        official = f"the official files ({source.mirrors[0]}<file>.gz)" if source is not None else "the IDX files"
-        shipped = f" (a clone of this repository ships {name} in data/{name}/raw)" if source is not None else ""
-        download = ", or set `data.init_args.download: true`" if source is not None else ""
-        return (
-            f"put {official} in {raw}{shipped}, point `data.init_args.data_dir` at the folder that holds "
-            f"'{name}/raw'{download}"
-        )
-
-    def missing_file_error(self, name: str) -> DataFileError:
-        return DataFileError(f"missing data file {self.raw_dir / name}[.gz]: {self._hint()}")
-
-    def _download(self) -> None:
-        source = IDX_SOURCES.get(self.hparams.name)
-        if source is None:
-            raise DataFileError(
-                f"data.download=true: no official source is known for data.name={self.hparams.name!r} "
-                f"(known: {', '.join(IDX_SOURCES)}); copy its IDX files into {self.raw_dir}"
-            )
-        download_idx(source, self.raw_dir, self.missing_files())
-
-    def read_split(self, split: str) -> tuple[Tensor, Tensor]:
-        image_stem, label_stem = SPLIT_FILES[split]
-        verify, md5, hint = self.hparams.verify_checksums, self._md5(), self._hint()
-        images = load_idx(self.raw_dir, image_stem, verify, md5, hint)
-        labels = load_idx(self.raw_dir, label_stem, verify, md5, hint).long()
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise DataFileError(
-                f"{self.raw_dir}: {split} images have shape {tuple(images.shape)} and labels {tuple(labels.shape)}; "
-                f"expected (N, H, W) images and N labels"
-            )
-        return images.unsqueeze(1), labels
-
-    def count_classes(self, labels: Tensor) -> int:
-        """1 + the largest label over every split read so far."""
-        classes = int(labels.max()) + 1 if labels.numel() else 0
-        return max(classes, self.num_classes or 0)
-
-
-class FashionMNISTDataModule(MNISTDataModule):
-    """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; ten classes of Zalando article images in MNIST's IDX layout and
-    sizes) from ``<data_dir>/FashionMNIST/raw/``, checked against the official MD5s. Options as MNISTDataModule."""
+    dataset = "FashionMNIST"
 
     def __init__(
         self,
         data_dir: str = "data",
-        name: str = "FashionMNIST",
         batch_size: int = 20,
         eval_batch_size: int = 1000,
         val_size: int = 0,
@@ -152,20 +168,4 @@ class FashionMNISTDataModule(MNISTDataModule):
         val_split: Literal["random", "last"] = "random",
         shuffle: bool = True,
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            name=name,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_size=val_size,
-            split_seed=split_seed,
-            train_subset=train_subset,
-            test_subset=test_subset,
-            verify_checksums=verify_checksums,
-            device_resident=device_resident,
-            num_workers=num_workers,
-            download=download,
-            return_index=return_index,
-            val_split=val_split,
-            shuffle=shuffle,
-        )
+        super().__init__()
