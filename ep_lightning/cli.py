@@ -35,7 +35,7 @@ from ep_lightning.config_checks import (
     config_file_errors,
     user_error,
 )
-from ep_lightning.data import MNISTDataModule
+from ep_lightning.data import ImageDataModule
 from ep_lightning.errors import ConfigError, DivergenceError
 from ep_lightning.interrupt import SIGNALS as STOP_SIGNALS
 from ep_lightning.interrupt import GracefulInterrupt, Interrupted
@@ -346,7 +346,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
     try:
         return EPLightningCLI(
             L.LightningModule,
-            MNISTDataModule,
+            ImageDataModule,  # any of the package's DataModules (configs/defaults.yaml picks MNIST)
             trainer_class=EPTrainer,
             subclass_mode_model=True,
             subclass_mode_data=True,
