@@ -27,11 +27,11 @@ the relaxation step):
 
 * A **custom-scalars layout** (TensorBoard's "Custom Scalars" tab) groups these charts, written once at fit start.
 
-* **Signs of trouble in one line** (a warning at the end of an epoch, on the fixed batch): the free phase not
-  converging within T (the batch-mean residual never under ``tolerance``, or more than ``warn_unconverged`` of the
-  samples unconverged; never for a system whose free phase is truncated on purpose, e.g. Initialized EP), a layer
-  saturated on (almost) every unit (``warn_saturated``), and a layer whose saturation grew by ``warn_saturation_growth``
-  or more since the first monitored epoch.
+* **Signs of trouble in one line** (a warning after a snapshot): the free phase not converging within T (more than
+  ``warn_unconverged`` of the samples unconverged, or, on the fixed batch, the batch-mean residual never under
+  ``tolerance``; never for a system whose free phase is truncated on purpose, e.g. Initialized EP), a hidden layer
+  saturated on (almost) every unit (``warn_saturated``), and, on the fixed batch, a hidden layer whose saturation grew
+  by ``warn_saturation_growth`` or more since the first monitored epoch.
 
 Cost: nothing runs when ``enabled`` is false (or both frequencies are 0). Otherwise one extra relaxation of at most
 ``max_samples`` samples per epoch, the recording of one training step every ``every_n_steps``, plus rendering;
@@ -319,11 +319,13 @@ class ConvergenceMonitor(L.Callback):
         """One warning line naming what looks wrong on a snapshot (see the module docstring): the free phase not
         converged within T, a saturated layer and (for the fixed batch of ``epoch``) a layer whose saturation grew."""
         problems = []
-        converged = self._convergence_problem(snap, system)
+        converged = self._convergence_problem(snap, system, fixed_batch=epoch is not None)
         if converged:
             problems.append(converged)
         prefix = "saturation/" if epoch is not None else "saturation/train/"
-        for name in snap.names:
+        # an output layer in the dynamics saturates by design (one-hot targets): the hidden layers tell the story
+        hidden = snap.names[:-1] if system.net.readout == "mse" else snap.names
+        for name in hidden:
             share = metrics.get(f"{prefix}free/{name}")
             if share is None:
                 continue
@@ -341,13 +343,16 @@ class ConvergenceMonitor(L.Callback):
         if problems:
             log.warning("ConvergenceMonitor, %s: %s", where, "; ".join(problems))
 
-    def _convergence_problem(self, snap: Snapshot, system: RelaxingSystem) -> str | None:
-        """What is wrong with the free phase's convergence, or None (also for a free phase truncated on purpose)."""
+    def _convergence_problem(self, snap: Snapshot, system: RelaxingSystem, fixed_batch: bool) -> str | None:
+        """What is wrong with the free phase's convergence, or None (also for a free phase truncated on purpose):
+        more than ``warn_unconverged`` of the samples unconverged, or (on the fixed batch, once per epoch) a batch-mean
+        residual never under the tolerance within T."""
         if not expects_converged_free_phase(system):
             return None
         T = snap.free.residuals.shape[0]
         frac = unconverged_fraction(snap.free.final, self.tolerance)
-        if snap.free.steps_to_tol <= T and frac <= self.warn_unconverged:
+        mean_converged = snap.free.steps_to_tol <= T or not fixed_batch
+        if mean_converged and frac <= self.warn_unconverged:
             return None
         return (
             f"the free phase ended unconverged after T = {T} steps ({100 * frac:.0f} % of the samples with residual ≥ "

@@ -393,7 +393,8 @@ class EnergySystem(L.LightningModule):
         n = labels.shape[0]
         predicted = self.net.predict(state)
         correct = (predicted == labels).sum()
-        counts = torch.bincount(predicted, minlength=self.net.num_classes)
+        counts = torch.zeros(self.net.num_classes, dtype=loss.dtype, device=loss.device)
+        counts.scatter_add_(0, predicted, torch.ones_like(predicted, dtype=loss.dtype))  # no host sync (bincount has)
         self.train_means.update(n, loss=loss.detach() * n, acc=correct, **extra, predicted=counts)
 
     def on_train_epoch_end(self) -> None:
@@ -416,10 +417,10 @@ class EnergySystem(L.LightningModule):
         if not never or not self.trainer.is_global_zero:
             return
         log.warning(
-            "epoch %d: class%s %s never predicted on the training batches: its output unit is dead (it sits at the "
-            "bound of its range on every sample, so no gradient reaches it; EB nets with output_dynamics 'linear' "
-            "and clamp: a pre-activation below 0 on every image; try EP, clamp: false or "
-            "output_dynamics: energy_gradient) or the learning rates are too large (%s).",
+            "epoch %d: class%s %s never predicted on the training batches: a dead output unit (it sits at a bound of "
+            "its range on every sample, so no gradient reaches it; EB nets with output_dynamics 'linear' and clamp: "
+            "a pre-activation below 0 on every image, try EP, clamp: false or output_dynamics: energy_gradient) or "
+            "too large learning rates (%s)",
             self.current_epoch,
             "es" if len(never) > 1 else "",
             ", ".join(map(str, never)),
@@ -462,10 +463,12 @@ class EnergySystem(L.LightningModule):
             never = [k for k, r in enumerate(recall.tolist()) if r == 0.0]
             if never:
                 log.warning(
-                    "test: class%s %s never predicted correctly (recall 0): see the training log's warning on dead "
-                    "output units",
+                    "test: class%s %s never predicted correctly (recall 0): a dead output unit (no gradient reaches "
+                    "a unit that sits at a bound of its range on every sample) or a collapsed network (too large "
+                    "learning rates: %s)",
                     "es" if len(never) > 1 else "",
                     ", ".join(map(str, never)),
+                    f"model.lrs={self.lrs}",
                 )
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:

@@ -141,12 +141,12 @@ class EquilibriumModule(EstimatorSystem):
         return self.warm_states.start(index, init, size_hint=size)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
         if self.warm_states is not None and unpack_batch(batch)[2] is None:
             raise ValueError(
                 "model.warm_start=true needs training batches (x, y, index): set data.return_index=true (or yield the "
                 "dataset index of every sample as the third batch element)"
             )
+        super().on_train_batch_start(batch, batch_idx)
 
     def after_update(self, index: Tensor | None, free: State) -> None:
         if self.warm_states is not None:
