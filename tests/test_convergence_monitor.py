@@ -463,3 +463,108 @@ def test_every_system_declares_what_the_monitors_read() -> None:
     assert not distill.has_nudged_phase and distill.nudging_pair() is None, "no nudged phase: the monitor skips it"
     bptt = EquilibriumModule(PrototypicalNet([16, 8, 3]), algorithm="bptt", T=4, K=2)
     assert not bptt.has_nudged_phase and bptt.nudging_pair() is None, "BPTT has no nudged phase"
+
+
+# --- the monitors show what training applied ---------------------------------------------------------------------
+class AppliedUpdate(L.Callback):
+    """At the optimizer step of the first batch: the applied update −∇ (the parameters' .grad after manual_backward)
+    and what the monitor computes for that batch and those weights, with the pair the step used."""
+
+    def __init__(self, monitor: ConvergenceMonitor, x: Tensor, labels: Tensor) -> None:
+        self.monitor, self.x, self.labels = monitor, x, labels
+        self.applied: dict[str, Tensor] = {}
+        self.logged: dict[str, Tensor] = {}
+        self.pair = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self.applied:
+            return
+        self.applied = {f"ep_update/{n}": -p.grad.clone() for n, p in pl_module.net.named_parameters()}
+        self.pair = pl_module.nudging_pair()
+        snap = self.monitor.snapshot(pl_module, self.x, self.labels)
+        self.logged = {k: v for k, v in self.monitor.histograms_of(snap, pl_module).items() if "ep_update" in k}
+
+
+@pytest.mark.parametrize(
+    "nudging, readout", [("one_sided", "mse"), ("symmetric", "mse"), ("random_sign", "mse"), ("symmetric", "ce")]
+)
+def test_the_logged_update_is_the_applied_update_for_every_nudging(nudging: str, readout: str) -> None:
+    """One batch that is also the monitor's fixed batch: the monitor's ``ep_update/*`` equals −(the gradient training
+    applied) for one-sided, symmetric and random-sign nudging (and a softmax read-out, whose cross-entropy gradient
+    joins the update), with the pair the step drew; the monitor never draws from the sign stream. Float64, the
+    same phases and the same loss: equal to rounding."""
+    torch.manual_seed(0)
+    net = PrototypicalNet([16, 8, 8, 3], readout=readout).double()
+    module = EquilibriumModule(net, T=8, K=3, beta=0.5, lrs=[0.05] * 3, nudging=nudging, sign_seed=4)
+    x = torch.rand(6, 16, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    monitor = ConvergenceMonitor(every_n_steps=0, every_n_epochs=0)
+    probe = AppliedUpdate(monitor, x, labels)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        callbacks=[probe],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, labels), batch_size=6))
+    assert probe.pair == module.nudging_pair()
+    expected_pair = {"one_sided": (0.0, 0.5), "symmetric": (-0.5, 0.5)}.get(nudging)
+    if expected_pair is not None:
+        assert probe.pair == expected_pair
+    assert probe.logged.keys() == probe.applied.keys() and probe.applied
+    for tag, applied in probe.applied.items():
+        torch.testing.assert_close(probe.logged[tag], applied, rtol=1e-10, atol=1e-13, msg=tag)
+    if nudging == "random_sign":  # one draw for the one step: the monitor's reads left the stream alone
+        fresh = EquilibriumModule(net, beta=0.5, nudging="random_sign", sign_seed=4)
+        assert fresh.draw_nudging_pair() == probe.pair
+        assert torch.equal(fresh.sign_generator.get_state(), module.sign_generator.get_state())
+
+
+def test_bptt_runs_show_no_nudged_phase(tmp_path: Path) -> None:
+    """BPTT has no nudged phase: the monitors relax none and log no nudged tags and no EP update; the training-batch
+    snapshot is the training step's own free phase (T steps), recorded as it ran."""
+    monitor = ConvergenceMonitor(every_n_steps=2, every_n_epochs=1, max_samples=4)
+    torch.manual_seed(0)
+    module = EquilibriumModule(PrototypicalNet([16, 8, 3]).double(), algorithm="bptt", T=8, K=3, lrs=[0.05, 0.05])
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=logger,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        log_every_n_steps=1,
+    )
+    train, _ = loaders()
+    trainer.fit(module, train_dataloaders=train)
+    runs = read_runs(trainer.logger.log_dir)
+    tags = {t for acc in runs.values() for t in acc.Tags()["scalars"]} | set(runs["."].Tags()["histograms"])
+    assert any("/free/" in t for t in tags) and not any("nudged" in t or "ep_update" in t for t in tags), tags
+    training = runs["relaxation/training_batch"]
+    assert [e.step for e in training.Scalars("convergence/train/free/residual/layer1")] == [
+        100 * step + t for step in (0, 2, 4) for t in range(1, 9)
+    ]
+
+
+def test_warnings_name_a_saturated_or_saturating_layer(caplog: pytest.LogCaptureFixture) -> None:
+    """The one-line summary of trouble: a hidden layer saturated on (almost) every unit, or one whose saturation grew
+    by ``warn_saturation_growth`` since the first monitored epoch; the output layer of an mse net (saturated by its
+    one-hot targets) is never named."""
+    net = linear_net(0.5)
+    module = EquilibriumModule(net, T=12, K=2, beta=0.5)
+    x = torch.rand(4, 4, dtype=torch.float64)
+    monitor = ConvergenceMonitor(tolerance=1.0, warn_saturation_growth=0.2)  # converged: only saturation speaks
+    snap = monitor.snapshot(module, x, torch.zeros(4, dtype=torch.long))
+    metrics = lambda hidden, output: {"saturation/free/layer1": hidden, "saturation/free/output": output}
+    first = _warning(caplog, monitor, snap, module, epoch=0, metrics=metrics(0.17, 0.7))
+    assert first == ""  # the first epoch sets the reference
+    assert _warning(caplog, monitor, snap, module, epoch=1, metrics=metrics(0.3, 0.99)) == ""  # +13 points; output
+    grew = _warning(caplog, monitor, snap, module, epoch=4, metrics=metrics(0.52, 0.995))
+    assert "layer1 saturation grew 17 % → 52 % since epoch 0" in grew and "output" not in grew, grew
+    full = _warning(caplog, monitor, snap, module, epoch=5, metrics=metrics(0.999, 1.0))
+    assert "layer1 saturated (100 % of its units" in full and "learning rates too large" in full, full
