@@ -98,7 +98,9 @@ def ep_updates(
     trace = PhaseTrace(phi=False, keep_states=True)
     with torch.no_grad():
         start = tuple(s.detach() for s in free)
-        relax_phases(model, x, model.drive(x), start, 0, K, NudgingPair(0.0, beta), target, trace=trace)
+        relax_phases(
+            model, x, model.drive(x), start, 0, nudged_steps=K, betas=NudgingPair(0.0, beta), target=target, trace=trace
+        )
     states = trace.nudged_b.states  # s^β_0 = s*, …, s^β_K
     scale = beta * float(model.nudge_scale)
     neurons = [

@@ -46,19 +46,8 @@ class RelaxingSystem(Protocol):
         """The constant input term of the dynamics for a relaxation from ``start``."""
         ...
 
-    def phases(
-        self,
-        x: Tensor,
-        target: Tensor | None,
-        start: State,
-        betas: NudgingPair | tuple[float, float] | None,
-        trace: PhaseTrace | None = None,
-        steps: int | None = None,
-        stop: Any = None,
-        graph_steps: int = 0,
-        drive: Any = None,
-    ) -> Phases:
-        """The phases of one batch (``EnergySystem.phases``)."""
+    def phases(self, x: Tensor, target: Tensor | None, start: State, betas: Any, **options: Any) -> Phases:
+        """The phases of one batch: ``EnergySystem.phases`` (options: trace, steps, stop, graph_steps, drive)."""
         ...
 
     def record_next_step(self, trace: PhaseTrace) -> None:

@@ -237,10 +237,11 @@ def relax_phases(
     drive: Any,
     start: State,
     steps: int,
+    *,
+    trace: PhaseTrace | None = None,
     nudged_steps: int = 0,
     betas: NudgingPair | None = None,
     target: Tensor | None = None,
-    trace: PhaseTrace | None = None,
     stop: StoppingRule | None = None,
     graph_steps: int = 0,
 ) -> Phases:
@@ -263,48 +264,34 @@ def relax_phases(
         free = relax(model, drive, free, graph_steps, trace=free_trace)
     result = Phases(free)
     if betas is not None:
+        if target is None:
+            raise ValueError("a nudged phase needs a target (the encoded labels)")
         with torch.no_grad():
-            result = _nudged_phases(model, x, drive, free, nudged_steps, betas, target, trace)
+            result = _nudge(model, x, drive, free, nudged_steps, betas, target, trace)
     if trace is not None:
         trace.free, trace.betas = free_trace, betas
         trace.phases = Phases(*(tuple(s.detach() for s in p) if p is not None else None for p in result))
     return result
 
 
-def _nudged_phases(
-    model: EnergyModel,
-    x: Tensor,
-    drive: Any,
-    free: State,
-    steps: int,
-    betas: NudgingPair,
-    target: Tensor | None,
-    trace: PhaseTrace | None,
+def _nudge(
+    m: EnergyModel, x: Tensor, drive: Any, free: State, k: int, betas: NudgingPair, y: Tensor, trace: Any
 ) -> Phases:
-    """``Phases(s*, s_{β_a}, s_{β_b})`` from s* (see ``relax_phases``), recording into ``trace``."""
-    if target is None:
-        raise ValueError("a nudged phase needs a target (the encoded labels)")
+    """``Phases(s*, s_{β_a}, s_{β_b})``: K steps from s* at each β ≠ 0 of the pair (see ``relax_phases``)."""
     beta_a, beta_b = betas
     if beta_a == 0.0 or beta_b == 0.0:
         beta = beta_b if beta_a == 0.0 else beta_a
-        nudged_trace = trace.new(x, model) if trace is not None else None
-        nudged = relax(model, drive, free, steps, beta, target, trace=nudged_trace)
+        nudged_trace = trace.new(x, m) if trace is not None else None
+        nudged = relax(m, drive, free, k, beta, y, trace=nudged_trace)
         if trace is not None:
             trace.nudged_a, trace.nudged_b = (None, nudged_trace) if beta_a == 0.0 else (nudged_trace, None)
         return Phases(free, free, nudged) if beta_a == 0.0 else Phases(free, nudged, free)
     batch = x.shape[0]
     beta = torch.full((2 * batch, 1), beta_b, dtype=free[0].dtype, device=free[0].device)
     beta[batch:] = beta_a
-    doubled_trace = trace.new(torch.cat([x, x]), model) if trace is not None else None
-    doubled = relax(
-        model,
-        repeat_batch(drive, batch),
-        tuple(torch.cat([s, s]) for s in free),
-        steps,
-        beta,
-        torch.cat([target, target]),
-        trace=doubled_trace,
-    )
+    doubled_trace = trace.new(torch.cat([x, x]), m) if trace is not None else None
+    doubled_state = tuple(torch.cat([s, s]) for s in free)
+    doubled = relax(m, repeat_batch(drive, batch), doubled_state, k, beta, torch.cat([y, y]), trace=doubled_trace)
     if trace is not None and doubled_trace is not None:
         trace.nudged_a, trace.nudged_b = doubled_trace.part(batch, 2 * batch), doubled_trace.part(0, batch)
     return Phases(free, tuple(s[batch:] for s in doubled), tuple(s[:batch] for s in doubled))

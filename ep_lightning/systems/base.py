@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -312,7 +312,19 @@ class EnergySystem(L.LightningModule):
                 drive = self.relaxation_drive(x, start)
         steps = self.T if steps is None else steps
         pair = NudgingPair(*betas) if betas is not None else None
-        return relax_phases(self.net, x, drive, start, steps, self.K, pair, target, trace, stop, graph_steps)
+        return relax_phases(
+            self.net,
+            x,
+            drive,
+            start,
+            steps,
+            nudged_steps=self.K,
+            betas=pair,
+            target=target,
+            trace=trace,
+            stop=stop,
+            graph_steps=graph_steps,
+        )
 
     def record_next_step(self, trace: PhaseTrace) -> None:
         """Have the next training step record its phases (as applied: its start, pair and steps) into ``trace``."""
@@ -482,15 +494,27 @@ class EnergySystem(L.LightningModule):
         return result
 
     # --- checkpoints ------------------------------------------------------------------------------------------
+    def checkpoint_entries(self) -> dict[str, tuple[Callable[[], Any], Callable[[Any], None] | None]]:
+        """What a subclass keeps in checkpoints beside the weights, for exact resume: key → (save, load), ``load``
+        None for an entry only written (read elsewhere). None here; see ``on_save_checkpoint``."""
+        return {}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse non-finite weights (the last good checkpoint stays); keep the training epoch's running sums."""
+        """Refuse non-finite weights (the last good checkpoint stays); keep the training epoch's running sums and
+        the subclass's ``checkpoint_entries``."""
         check_checkpoint_weights(checkpoint.get("state_dict", {}), self.global_step, self.divergence_knobs())
         trainer = self._trainer
         distributed = trainer is not None and trainer.world_size > 1  # every rank saves: the reduction is symmetric
         totals = self.train_means.totals(trainer.strategy if distributed else None)
         checkpoint[EPOCH_SUMS_KEY] = self.train_means.state_dict(totals)
+        for key, (save, _) in self.checkpoint_entries().items():
+            checkpoint[key] = save()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the running sums: the totals of all ranks go to rank 0 (the epoch means sum over ranks)."""
+        """Restore the running sums (the totals of all ranks go to rank 0: the epoch means sum over ranks) and the
+        subclass's ``checkpoint_entries`` that the checkpoint holds."""
         state = checkpoint.get(EPOCH_SUMS_KEY, {})
         self.train_means.load_state_dict(state if self.global_rank == 0 else {})
+        for key, (_, load) in self.checkpoint_entries().items():
+            if load is not None and key in checkpoint:
+                load(checkpoint[key])

@@ -152,15 +152,11 @@ class EquilibriumModule(EstimatorSystem):
         if self.warm_states is not None:
             self.warm_states.store(index, free)  # after the guard: a diverged state is never reused
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+    def checkpoint_entries(self) -> dict[str, Any]:
+        entries = super().checkpoint_entries()
         if self.warm_states is not None:
-            checkpoint[WARM_START_KEY] = self.warm_states.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.warm_states is not None and WARM_START_KEY in checkpoint:
-            self.warm_states.load_state_dict(checkpoint[WARM_START_KEY])
+            entries[WARM_START_KEY] = (self.warm_states.state_dict, self.warm_states.load_state_dict)
+        return entries
 
 
 class PersistentStates:

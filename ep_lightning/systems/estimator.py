@@ -263,12 +263,8 @@ class EstimatorSystem(EnergySystem):
         return loss
 
     # --- exact resume: the β-sign stream --------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+    def checkpoint_entries(self) -> dict[str, Any]:
+        entries = super().checkpoint_entries()
         if self.sign_generator is not None:
-            checkpoint[SIGN_GENERATOR_KEY] = self.sign_generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.sign_generator is not None and SIGN_GENERATOR_KEY in checkpoint:
-            self.sign_generator.set_state(checkpoint[SIGN_GENERATOR_KEY])
+            entries[SIGN_GENERATOR_KEY] = (self.sign_generator.get_state, self.sign_generator.set_state)
+        return entries

@@ -180,11 +180,12 @@ class _InitializerHooks:
         copy.load_state_dict({k: v.detach().cpu() for k, v in self.initializer.state_dict().items()})
         return copy.to(dtype=next(self.initializer.parameters()).dtype).eval()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+    def checkpoint_entries(self) -> dict[str, Any]:
+        """The initializer's constructor arguments (read by ``FeedforwardInitializer.from_checkpoint``)."""
+        entries = super().checkpoint_entries()  # type: ignore[misc]
         if self.initializer is not None:
-            layers, leak = list(self.initializer.layers), self.initializer.leak
-            checkpoint[INITIALIZER_CONFIG_KEY] = {"layers": layers, "leak": leak}
+            entries[INITIALIZER_CONFIG_KEY] = (lambda: dict(self.initializer.init_args), None)
+        return entries
 
 
 class InitializedEP(_InitializerHooks, EstimatorSystem):
