@@ -119,12 +119,12 @@ def test_a_dead_output_unit_is_named_at_epoch_end(caplog: pytest.LogCaptureFixtu
             net.synapses[0].weight[k, k], net.synapses[1].weight[k, k] = 3.0, 1.0
         net.synapses[1].bias[2] = -50.0
     module = EquilibriumModule(net, algorithm="bptt", T=30, K=3, lrs=[0.05, 0.05])
-    labels = torch.arange(48) % 4
+    labels = torch.arange(200) % 4  # 50 samples per class: enough for the check (a smoke run says nothing)
     x = 0.9 * torch.nn.functional.one_hot(labels, 12).float()
     predicted = module.predict_step((x,), 0)["prediction"]
     assert set(predicted.tolist()) == {0, 1, 3}, "the setting: every class but 2 is predicted"
     with caplog.at_level(logging.WARNING, logger="ep_lightning.systems.base"):
-        _trainer(max_epochs=1).fit(module, DataLoader(TensorDataset(x, labels), batch_size=12))
+        _trainer(max_epochs=1).fit(module, DataLoader(TensorDataset(x, labels), batch_size=50))
     warnings = [r.getMessage() for r in caplog.records if "never predicted" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("epoch 0: class 2 never predicted"), warnings
     assert "dead output unit" in warnings[0] and "clamp" in warnings[0], warnings[0]

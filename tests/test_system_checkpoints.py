@@ -170,6 +170,30 @@ def test_the_model_summary_shows_the_networks_input_and_state_sizes() -> None:
     assert ModelSummary(iep, max_depth=1).out_sizes[ModelSummary(iep, max_depth=1).layer_names.index("net")] == [1, 10]
 
 
+def test_a_system_built_in_python_describes_its_network_too(tmp_path: Path) -> None:
+    """Built in Python (no config): the network (and an optimizer class) are written as config entries, and
+    ``load_from_checkpoint(path)`` rebuilds the same system; no nn.Module is pickled into the hyperparameters."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net = PrototypicalNet([12, 8, 4], activation="tanh", dt=0.5)
+    module = EquilibriumModule(net, T=5, K=2, lrs=[0.1, 0.1], nudging="symmetric", optimizer=torch.optim.SGD)
+    assert module.hparams["net"] == {
+        "class_path": "ep_lightning.models.prototypical.PrototypicalNet",
+        "init_args": {"layers": [12, 8, 4], "activation": "tanh", "dt": 0.5, "readout": "mse"},
+    }
+    assert module.hparams["optimizer"] == "torch.optim.sgd.SGD"
+    trainer = L.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(module, DataLoader(TensorDataset(torch.rand(8, 12), torch.arange(8) % 4), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "python.ckpt")
+    loaded = EquilibriumModule.load_from_checkpoint(tmp_path / "python.ckpt")
+    assert type(loaded.net) is PrototypicalNet and loaded.net.init_args == net.init_args
+    assert loaded.nudging == "symmetric" and loaded.T == 5
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def _scalars(run: Path, tag: str) -> list[float]:
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()

@@ -37,6 +37,9 @@ Nudging = Literal["one_sided", "symmetric", "random_sign"]
 NUDGINGS: tuple[str, ...] = ("one_sided", "symmetric", "random_sign")
 #: Checkpoint key of the training epoch's running sums (a run resumed mid-epoch reports the whole epoch's means).
 EPOCH_SUMS_KEY = "train_epoch_sums"
+#: The class-collapse warning needs this many training samples per class in the epoch (a smoke run of a few batches
+#: predicts few classes and says nothing about dead units).
+MIN_SAMPLES_PER_CLASS = 50
 #: LightningCLI's instantiator: ``load_from_checkpoint`` rebuilds the networks from their {class_path, init_args}.
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -126,7 +129,10 @@ class EpochMeans:
     def compute(self, strategy: Any | None = None) -> dict[str, Tensor]:
         """{name: Σ sums / Σ count} (each in its shape), summed over ranks through ``strategy.reduce``; {} before any
         update."""
-        totals = self.totals(strategy)
+        return self.means(self.totals(strategy))
+
+    def means(self, totals: Tensor | None) -> dict[str, Tensor]:
+        """{name: sums / count} of ``totals`` (as ``totals`` returns them)."""
         if totals is None:
             return {}
         values, start = {}, 0
@@ -410,11 +416,12 @@ class EnergySystem(L.LightningModule):
         self.train_means.update(n, loss=loss.detach() * n, acc=correct, **extra, predicted=counts)
 
     def on_train_epoch_end(self) -> None:
-        means = self.train_means.compute(self.trainer.strategy)
+        totals = self.train_means.totals(self.trainer.strategy)  # one reduction over the ranks per epoch
+        means = self.train_means.means(totals)
         predicted = means.pop("predicted", None)
         for name, value in means.items():
             self.log(f"train/{name}", value, prog_bar=name in ("loss", "acc", "init_acc"))
-        if predicted is not None:
+        if predicted is not None and totals is not None and totals[-1] >= MIN_SAMPLES_PER_CLASS * len(predicted):
             self._warn_if_classes_are_never_predicted(predicted)
         self.train_means.reset()
         schedulers = self.lr_schedulers()
@@ -424,7 +431,8 @@ class EnergySystem(L.LightningModule):
 
     def _warn_if_classes_are_never_predicted(self, predicted_share: Tensor) -> None:
         """One line at epoch end when some class was never predicted on the epoch's training batches (a collapse
-        that no NaN reveals), naming the likely causes."""
+        that no NaN reveals; only for epochs of ``MIN_SAMPLES_PER_CLASS`` samples per class or more), naming the
+        likely causes."""
         never = [int(c) for c in torch.nonzero(predicted_share == 0).flatten()]
         if not never or not self.trainer.is_global_zero:
             return
