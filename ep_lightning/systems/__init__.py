@@ -10,11 +10,7 @@ from ep_lightning.systems.equilibrium import EquilibriumModule
 from ep_lightning.systems.estimator import EstimatorSystem
 from ep_lightning.systems.initialized import InitializedEP, InitializerDistillation
 
-#: The former name of ``EstimatorSystem`` (it runs BPTT as well as EP), kept for scripts that still import it.
-EPSystem = EstimatorSystem
-
 __all__ = [
-    "EPSystem",
     "EnergySystem",
     "EquilibriumModule",
     "EstimatorSystem",
