@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import machine
 
-from ep_lightning.callbacks.divergence import _finite_summary
 from ep_lightning.data import EpochShuffleSampler, PermutationBatchSampler, TensorPairDataset, keep_batch
+from ep_lightning.divergence import finite_summary as _finite_summary
 from ep_lightning.estimators import ep_surrogate
 from ep_lightning.models import PrototypicalNet
 from ep_lightning.relaxation import relax

@@ -132,22 +132,22 @@ def lightning_pass(args: argparse.Namespace) -> tuple[dict[str, float], list[str
     cli = build(args, args.warmup + args.batches)
     module, trainer, datamodule = cli.model, cli.trainer, cli.datamodule
     found: list[str] = []
-    import ep_lightning.systems.base as system_module
+    import ep_lightning.systems.estimator as system_module
 
     for attr, name in (
         ("ep_surrogate", "EP surrogate (contrast)"),
-        ("check_training_step", "divergence guard"),
         ("bptt_loss", "BPTT loss"),
     ):
         wrap_attr(system_module, attr, name, found)
     for attr, name in (
         ("training_step", "training_step (total)"),
         ("phases", "relaxation phases"),
+        ("check_training_step", "divergence guard"),
         ("manual_backward", "manual_backward"),
         ("optimizers", "self.optimizers()"),
         ("log", "self.log"),
-        ("start_state", "initial state"),
-        ("nudging_pair", "nudging pair"),
+        ("initial_state", "initial state"),
+        ("draw_nudging_pair", "nudging pair"),
     ):
         wrap_attr(module, attr, name, found)
     net = inner_network(module)
@@ -186,7 +186,7 @@ def update_parts(cli: Any) -> tuple[Any, Any, Callable, Callable, torch.optim.Op
     net = inner_network(module)
     if not hasattr(module, "phases"):
         return None
-    from ep_lightning.systems import base as system_module
+    from ep_lightning.systems import estimator as system_module
 
     surrogate = getattr(system_module.ep_surrogate, "__wrapped__", system_module.ep_surrogate)
     phases = getattr(module.phases, "__wrapped__", module.phases)

@@ -73,9 +73,9 @@ class BatchTimer(L.Callback):
 def activation_megabytes(module: L.LightningModule, batch) -> float | None:
     """MB of tensors autograd saves for backward during one training step's update (what BPTT stores per step);
     None for systems without an EP / BPTT update (initializer distillation)."""
-    from ep_lightning.systems import EPSystem
+    from ep_lightning.systems import EstimatorSystem
 
-    if not isinstance(module, EPSystem):
+    if not isinstance(module, EstimatorSystem):
         return None
     saved = 0
 

@@ -1,4 +1,4 @@
-"""Opt-in compilation of a training step's relaxation phases (``EPSystem.phases``; ``model.compile_relaxation``)."""
+"""Opt-in compilation of a training step's relaxation phases (``EnergySystem.phases``; ``model.compile_relaxation``)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,6 @@ class CompiledPhases:
                 f"model.compile_relaxation=true: torch.compile failed ({type(err).__name__}: {str(err)[:300]}); "
                 "set model.compile_relaxation=false (the eager relaxation computes the same update)"
             ) from err
-        if self.cuda:
-            out = tuple(tuple(s.clone() for s in state) for state in out)
+        if self.cuda:  # the phases (a NamedTuple of states) with every tensor cloned
+            out = type(out)(*(tuple(s.clone() for s in state) if state is not None else None for state in out))
         return out

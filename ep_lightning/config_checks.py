@@ -14,20 +14,16 @@ from typing import Any
 from torch import nn
 
 from ep_lightning.errors import ConfigError, DataFileError, DivergenceError
+from ep_lightning.models.base import EnergyModel
 
 #: Folder of this package: a ValueError raised by code in here is a message written for the user.
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def model_input_shape(model: nn.Module) -> tuple[int, ...] | None:
-    """Per-sample input shape the network expects: ``(n_in,)`` for layered nets (any input flattened to n_in values),
-    ``(C, H, W)`` for convolutional ones; ``None`` when the model does not say."""
-    if hasattr(model, "input_channels") and hasattr(model, "input_size"):
-        return (int(model.input_channels), int(model.input_size), int(model.input_size))
-    layers = getattr(model, "layers", None)
-    if layers:
-        return (int(layers[0]),)
-    return None
+    """Per-sample input shape the network declares (``EnergyModel.input_shape``): ``(n_in,)`` for layered nets (any
+    input flattened to n_in values), ``(C, H, W)`` for convolutional ones; ``None`` for other modules."""
+    return tuple(model.input_shape) if isinstance(model, EnergyModel) else None
 
 
 def _prod(shape: tuple[int, ...]) -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ep_lightning.models.base import EnergyModel, State
+from ep_lightning.models.nudging import NudgingPair
 
-#: A nudging pair (β_a, β_b), β_a < β_b or β_b < β_a: one-sided (0, β), random sign (0, ±β), symmetric (−β, +β).
-NudgingPair = tuple[float, float]
+__all__ = ["NudgingPair", "bptt_loss", "ep_surrogate"]
 
 
 def ep_surrogate(net: EnergyModel, x: Tensor, state_a: State, state_b: State, betas: NudgingPair) -> Tensor:

@@ -14,15 +14,15 @@ L = mean_batch ℓ(z_K, y), and ONE ``torch.autograd.grad`` over all states and 
 
 so Σ_t ∇^BPTT_θ(t) is the truncated-BPTT gradient through K steps and Σ_t Δ^EP_θ(t) the EP update applied in
 training. The GDU property: Δ^EP(β, t) → −∇^BPTT(t) as β → 0 when the transition is ∂Φ/∂s (exactly, for a
-converged free phase), approximately otherwise. Everything goes through the model's ``step``, ``drive``, ``phi``
-and ``relaxation.relax``: no second relaxation loop, no second Φ.
+converged free phase), approximately otherwise. Everything goes through the model's ``step``, ``drive``, ``phi``,
+the phase runner ``relaxation.relax_phases`` (free and nudged phases, per-step states from its trace) and, for the
+per-step BPTT copies, ``relaxation.relax``: no second relaxation loop, no second Φ. Figures: ``ep_lightning.figures``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import lightning as L
 import torch
@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ep_lightning.models.base import EnergyModel, State
-from ep_lightning.protocols import RelaxingSystem
-from ep_lightning.relaxation import RelaxationTrace, relax
+from ep_lightning.models.nudging import NudgingPair
+from ep_lightning.protocols import NudgingSystem
+from ep_lightning.relaxation import PhaseTrace, relax, relax_phases
 
 __all__ = [
     "GDUResult",
@@ -40,9 +41,7 @@ __all__ = [
     "cosine_similarity",
     "ep_updates",
     "gdu_check",
-    "gdu_curves_figure",
     "gdu_metrics",
-    "gdu_rmse_figure",
     "gdu_settings",
     "normalized_rmse",
     "sign_agreement",
@@ -90,15 +89,19 @@ def ep_updates(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Δ^EP_s(β, t) per state layer and Δ^EP_θ(β, t) per parameter, t = 0 … K−1, batch means, shape (K, …).
 
-    Nudged phase with ``relax`` (states kept by the trace); ∂Φ/∂θ at each s^β_t by autograd of ``model.phi``.
+    Nudged phase from s* by the phase runner (the pair (0, β); states kept by its trace); ∂Φ/∂θ at each s^β_t by
+    autograd of ``model.phi``.
     """
     if not beta > 0:
         raise ValueError(f"beta={beta} is invalid: the nudging strength must be > 0 (the GDU check needs β → 0⁺)")
     _, params = named_parameter_list(model)
-    trace = RelaxationTrace(keep_states=True)
+    trace = PhaseTrace(phi=False, keep_states=True)
     with torch.no_grad():
-        relax(model, model.drive(x), tuple(s.detach() for s in free), K, beta, target, trace=trace)
-    states = trace.states  # s^β_0 = s*, …, s^β_K
+        start = tuple(s.detach() for s in free)
+        relax_phases(
+            model, x, model.drive(x), start, 0, nudged_steps=K, betas=NudgingPair(0.0, beta), target=target, trace=trace
+        )
+    states = trace.nudged_b.states  # s^β_0 = s*, …, s^β_K
     scale = beta * float(model.nudge_scale)
     neurons = [
         torch.stack([(states[t + 1][n] - states[t][n]).mean(dim=0) for t in range(K)]) / scale for n in range(len(free))
@@ -184,9 +187,9 @@ def gdu_check(model: EnergyModel, x: Tensor, labels_or_target: Tensor, T: int, K
         w = next(model.parameters())
         target = model.encode_target(target, w)
     x = x.to(dtype=next(model.parameters()).dtype) if torch.is_floating_point(x) else x
-    trace = RelaxationTrace()
+    trace = PhaseTrace(phi=False)
     with torch.no_grad():
-        free = relax(model, model.drive(x), model.init_state(x), T, trace=trace)
+        free = relax_phases(model, x, model.drive(x), model.init_state(x), T, trace=trace).free
     ep_n, ep_w = ep_updates(model, x, target, free, beta, K)
     bp_n, bp_w = bptt_gradients(model, x, target, free, K)
     names, _ = named_parameter_list(model)
@@ -200,13 +203,13 @@ def gdu_check(model: EnergyModel, x: Tensor, labels_or_target: Tensor, T: int, K
         bptt_neurons=bp_n,
         ep_params=ep_w,
         bptt_params=bp_w,
-        free_residual=[float(r) for r in trace.residuals[-1]],
+        free_residual=[float(r) for r in trace.free.residuals[-1]],
     )
 
 
 def gdu_settings(system: L.LightningModule, T: int | None, K: int | None, beta: float | None) -> tuple[int, int, float]:
     """(T, K, β) for the check: the given values, else the system's own ``T``, ``K``, ``beta``."""
-    if not isinstance(system, RelaxingSystem):
+    if not isinstance(system, NudgingSystem):
         raise TypeError(
             f"gdu: {type(system).__name__} is not a system of ep_lightning.systems (it needs `net`, `T`, `K`, `beta`); "
             f"use e.g. ep_lightning.systems.EquilibriumModule"
@@ -269,75 +272,3 @@ def average_metrics(per_batch: list[dict[str, float]]) -> dict[str, float]:
         values = values[~values.isnan()]
         out[key] = float(values.mean()) if values.numel() else float("nan")
     return out
-
-
-# --- figures ---------------------------------------------------------------------------------------------------
-def _sample_units(ep: Tensor, bptt: Tensor, count: int, generator: torch.Generator) -> Tensor:
-    """Up to ``count`` random flat unit indices among units with a non-zero series."""
-    flat = torch.maximum(ep.reshape(ep.shape[0], -1).abs().amax(0), bptt.reshape(bptt.shape[0], -1).abs().amax(0))
-    candidates = torch.nonzero(flat > 0).flatten()
-    if candidates.numel() == 0:
-        return candidates
-    pick = torch.randperm(candidates.numel(), generator=generator)[:count]
-    return candidates[pick].sort().values
-
-
-def gdu_curves_figure(result: GDUResult, units: int = 5, seed: int = 0, weights_only_matrices: bool = True) -> Any:
-    """The paper's GDU figure: Δ^EP(β, t) (solid) and −∇^BPTT(t) (dashed) against t for ``units`` random neurons
-    per state layer and synapses per weight tensor (biases omitted unless ``weights_only_matrices=False``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    neuron_panels = [p for p in result.pairs() if p[0] == "neurons"]
-    weight_panels = [p for p in result.pairs() if p[0] == "weights" and (not weights_only_matrices or p[2].dim() > 2)]
-    cols = max(len(neuron_panels), len(weight_panels), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 6.4), squeeze=False)
-    generator = torch.Generator().manual_seed(seed)
-    t = torch.arange(result.K)
-    for row, panels in enumerate((neuron_panels, weight_panels)):
-        for col in range(cols):
-            ax = axes[row, col]
-            if col >= len(panels):
-                ax.axis("off")
-                continue
-            kind, name, ep, bp = panels[col]
-            ep, bp = ep.detach().double().cpu(), bp.detach().double().cpu()
-            idx = _sample_units(ep, bp, units, generator)
-            e, b = ep.reshape(result.K, -1)[:, idx], bp.reshape(result.K, -1)[:, idx]
-            for j in range(idx.numel()):
-                (line,) = ax.plot(t, e[:, j], "-", lw=1.5)
-                ax.plot(t, b[:, j], "--", lw=1.5, color=line.get_color())
-            ax.set_title(f"{kind}: {name}", fontsize=9)
-            ax.set_xlabel("t")
-            ax.axhline(0.0, color="0.7", lw=0.5)
-    axes.flat[0].plot([], [], "k-", label=r"$\Delta^{EP}(\beta, t)$")
-    axes.flat[0].plot([], [], "k--", label=r"$-\nabla^{BPTT}(t)$")
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"GDU: EP updates vs BPTT gradients (β = {result.beta:g}, T = {result.T}, K = {result.K})")
-    fig.tight_layout()
-    return fig
-
-
-def gdu_rmse_figure(metrics: dict[str, float], prefix: str = "gdu") -> Any:
-    """Bar chart of the per-layer normalised RMSE (neurons and parameters), log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in metrics if k.startswith(f"{prefix}/rmse/")]
-    labels = [k[len(f"{prefix}/rmse/") :].replace("neurons/", "s: ").replace("weights/", "θ: ") for k in keys]
-    values = [metrics[k] for k in keys]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(keys) + 1.5), 3.6))
-    colors = ["tab:blue" if "/neurons/" in k else "tab:orange" for k in keys]
-    ax.bar(range(len(keys)), values, color=colors)
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("normalised RMSE")
-    if all(v > 0 for v in values):
-        ax.set_yscale("log")
-    ax.set_title(r"GDU: normalised RMSE between $\Delta^{EP}$ and $-\nabla^{BPTT}$ per layer", fontsize=10)
-    fig.tight_layout()
-    return fig

@@ -15,14 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
-from ep_lightning.gdu import (
-    average_metrics,
-    gdu_check,
-    gdu_curves_figure,
-    gdu_metrics,
-    gdu_rmse_figure,
-    gdu_settings,
-)
+from ep_lightning.figures import gdu_curves_figure, gdu_rmse_figure
+from ep_lightning.gdu import average_metrics, gdu_check, gdu_metrics, gdu_settings
 
 
 class EPTrainer(L.Trainer):
@@ -138,12 +132,8 @@ class EPTrainer(L.Trainer):
         seed: int,
         out_dir: str | None,
     ) -> None:
-        """Scalars and figures to every TensorBoard logger; gdu.json and PNGs to the run folder."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        """Scalars and figures (``ep_lightning.figures``) to every TensorBoard logger; gdu.json and PNGs to the run
+        folder."""
         folder = Path(
             out_dir
             or (
@@ -165,7 +155,6 @@ class EPTrainer(L.Trainer):
             logger.save()
         for tag, fig in figures.items():
             fig.savefig(folder / f"gdu_{tag.split('/')[1]}.png", dpi=120)
-            plt.close(fig)
         payload = {
             "settings": settings,
             "metrics": metrics,

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ep_lightning.callbacks import ConvergenceMonitor
-from ep_lightning.callbacks.convergence import saturation_fraction, steps_to_tolerance, unconverged_fraction
+from ep_lightning.callbacks.measurements import saturation_fraction, steps_to_tolerance, unconverged_fraction
 from ep_lightning.models import EnergyBasedNet, FeedforwardInitializer
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.prototypical import PrototypicalNet
@@ -52,7 +52,6 @@ class TinyConvNet(EnergyModel):
     s ← σ(∂Φ/∂s): h ← σ(conv(x) + unflatten(Wᵀ o)), o ← σ(W flatten(h) + b). Only here to give the monitor 4-D states.
     """
 
-    setting = "prototypical"
     activation_name = "sigmoid"
 
     def __init__(self, channels: int = 3, side: int = 4, n_out: int = 3) -> None:
@@ -61,6 +60,14 @@ class TinyConvNet(EnergyModel):
         self.conv = nn.Conv2d(1, channels, 3, padding=1)
         self.fc = nn.Linear(channels * side * side, n_out)
         self.shape = (channels, side, side)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, self.shape[1], self.shape[2])
+
+    @property
+    def init_args(self) -> dict:
+        return {"channels": self.shape[0], "side": self.shape[1], "n_out": self.num_classes}
 
     def init_state_shapes(self) -> list[tuple[int, ...]]:
         return [self.shape, (self.num_classes,)]
@@ -78,7 +85,7 @@ class TinyConvNet(EnergyModel):
         sigma = lambda v: torch.sigmoid(4 * (v - 0.5))
         new_h = sigma(drive + (o @ self.fc.weight).view_as(h))
         new_o = sigma(self.fc(h.flatten(1)))
-        if beta:
+        if target is not None:
             new_o = new_o + beta * (target - o)
         return new_h, new_o
 
@@ -203,19 +210,34 @@ def test_steps_to_tolerance_on_a_known_contraction_rate(caplog: pytest.LogCaptur
     assert metrics["convergence/free/steps_to_tol"] == T + 1
     assert metrics["convergence/free/unconverged_frac"] == pytest.approx(0.3)
     assert "saturation/free/layer1" not in metrics  # identity: σ has no bounds
-    with caplog.at_level(logging.WARNING, logger="ep_lightning.callbacks.convergence"):
-        monitor._warn_if_unconverged(snap, "test batch", module)
-    assert "30% of the test batch" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ep_lightning.callbacks.convergence"):
-        ConvergenceMonitor(tolerance=tol, warn_unconverged=0.5)._warn_if_unconverged(snap, "test batch", module)
-    assert caplog.text == ""
+    warnings = lambda monitor, system, snap=snap, epoch=None: _warning(caplog, monitor, snap, system, epoch)
+    # 3 of 10 samples unconverged (more than warn_unconverged = 0.2): one line saying so.
+    text = warnings(monitor, module)
+    assert "test batch: the free phase ended unconverged after T = 12 steps (30 % of the samples" in text, text
+    assert text.count("\n") == 1, text
+    # 30 % is under warn_unconverged = 0.5: silent for a training-batch snapshot; but on the fixed batch (an epoch's
+    # end) the batch mean that never got under the tolerance within T is warned about.
+    lenient = ConvergenceMonitor(tolerance=tol, warn_unconverged=0.5)
+    assert warnings(lenient, module) == ""
+    assert "ended unconverged" in warnings(lenient, module, epoch=0)
+    # A tolerance that the batch mean reaches at t = 8 and every sample by t = T: silent, even at warn_unconverged 0.
+    quiet = ConvergenceMonitor(tolerance=tol_steps, warn_unconverged=0.0)
+    converged = quiet.snapshot(module, x, torch.zeros(10, dtype=torch.long))
+    assert unconverged_fraction(converged.free.final, tol_steps) == 0.0
+    assert warnings(quiet, module, converged, epoch=0) == ""
     # The same unconverged batch from a system whose free phase is truncated on purpose (Initialized EP): no warning.
     iep = InitializedEP(EnergyBasedNet([4, 6, 3]), FeedforwardInitializer([4, 6, 3]), T=T, K=2, lrs=[0.1, 0.1])
     assert expects_converged_free_phase(module) and not expects_converged_free_phase(iep)
+    assert warnings(monitor, iep) == ""
+
+
+def _warning(caplog: pytest.LogCaptureFixture, monitor, snap, system, epoch=None, metrics=None) -> str:
+    """What ``warn_if_in_trouble`` logs for a snapshot (empty when all is well)."""
+    caplog.clear()
+    metrics = monitor.summary_metrics(snap, system) if metrics is None else metrics
     with caplog.at_level(logging.WARNING, logger="ep_lightning.callbacks.convergence"):
-        monitor._warn_if_unconverged(snap, "test batch", iep)
-    assert caplog.text == ""
+        monitor.warn_if_in_trouble(snap, system, metrics, "test batch", epoch)
+    return caplog.text
 
 
 def test_measurement_helpers() -> None:
@@ -231,7 +253,7 @@ def test_snapshot_uses_the_modules_start_state_and_drive() -> None:
     """Systems that start elsewhere (Initialized EP: s^f, anchored drive) are relaxed the way they train."""
 
     class Shifted(EquilibriumModule):
-        def initial_state(self, x: Tensor) -> State:
+        def initial_state(self, x: Tensor, index: Tensor | None = None) -> State:
             return tuple(s + 0.3 for s in self.net.init_state(x))
 
         def relaxation_drive(self, x: Tensor, start: State) -> Tensor:
@@ -256,9 +278,8 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
     trainer, module = fit(PrototypicalNet([16, 8, 3]), [monitor], tmp_path, epochs=2)
     assert monitor.batch_source == "train"  # no validation data: first training samples
     runs = read_runs(trainer.logger.log_dir)
-    assert set(runs) == {".", "relaxation/epoch_000", "relaxation/epoch_001"} | {
-        f"relaxation/step_{s:07d}" for s in (0, 4, 8)
-    }
+    # Curves of all snapshots in two runs (not one per snapshot), at x = index × stride + t with stride 100 > T + K.
+    assert set(runs) == {".", "relaxation/fixed_batch", "relaxation/training_batch"}
     main = runs["."].Tags()
     names = ["layer1", "output"]
     scalars = {"convergence/free/steps_to_tol", "convergence/nudged/steps_to_tol", "convergence/free/unconverged_frac"}
@@ -287,24 +308,32 @@ def test_logs_expected_tags_to_a_tensorboard_event_file(tmp_path: Path) -> None:
         for n in [*names, "whole_state"]
     }
     curve_tags |= {"convergence/free/phi", "convergence/nudged/phi"}
-    for epoch in (0, 1):
-        run = runs[f"relaxation/epoch_{epoch:03d}"]
-        assert set(run.Tags()["scalars"]) == curve_tags
-        assert [e.step for e in run.Scalars("convergence/free/residual/layer1")] == list(range(1, T + 1))
-        assert [e.step for e in run.Scalars("convergence/nudged/phi")] == list(range(T + 1, T + K + 1))
+    fixed = runs["relaxation/fixed_batch"]
+    assert set(fixed.Tags()["scalars"]) == curve_tags
+    epochs = (0, 1)
+    assert [e.step for e in fixed.Scalars("convergence/free/residual/layer1")] == [
+        100 * epoch + t for epoch in epochs for t in range(1, T + 1)
+    ]
+    assert [e.step for e in fixed.Scalars("convergence/nudged/phi")] == [
+        100 * epoch + t for epoch in epochs for t in range(T + 1, T + K + 1)
+    ]
     train_curve_tags = {t.replace("convergence/", "convergence/train/") for t in curve_tags}
-    assert set(runs["relaxation/step_0000004"].Tags()["scalars"]) == train_curve_tags
+    training = runs["relaxation/training_batch"]
+    assert set(training.Tags()["scalars"]) == train_curve_tags
+    assert [e.step for e in training.Scalars("convergence/train/free/residual/output")] == [
+        100 * step + t for step in (0, 4, 8) for t in range(1, T + 1)
+    ]
 
     # The logged per-t residual is the one of the fixed batch relaxed with the final weights (last epoch).
     x, labels = monitor._batch
     tr = RelaxationTrace()
     with torch.no_grad():
         relax(module.net, module.net.drive(x), module.net.init_state(x), T, trace=tr)
-    logged = [e.value for e in runs["relaxation/epoch_001"].Scalars("convergence/free/residual/output")]
+    logged = [e.value for e in fixed.Scalars("convergence/free/residual/output") if e.step > 100]
     # Event files hold float32 values: relative agreement to 1e-6.
     torch.testing.assert_close(torch.tensor(logged, dtype=torch.float64), tr.residuals[:, 1], rtol=1e-6, atol=1e-12)
-    events = runs["relaxation/epoch_001"].Scalars("convergence/free/log10_residual/whole_state")
-    logged = {e.step: e.value for e in events}
+    events = fixed.Scalars("convergence/free/log10_residual/whole_state")
+    logged = {e.step - 100: e.value for e in events if e.step > 100}
     whole = tr.total_residuals.mean(1)
     assert set(logged) == {t + 1 for t in range(T) if whole[t] > 0}
     for t, value in logged.items():
@@ -337,7 +366,7 @@ def test_fixed_batch_prefers_validation_data(tmp_path: Path) -> None:
     expected = trainer.val_dataloaders.dataset.tensors[0][:5]
     torch.testing.assert_close(monitor._batch[0], expected, rtol=0, atol=0)
     runs = read_runs(trainer.logger.log_dir)
-    assert set(runs) == {".", "relaxation/epoch_000"}
+    assert set(runs) == {".", "relaxation/fixed_batch"}
     assert not any(tag.startswith("convergence/train/") for tag in runs["."].Tags()["scalars"])
 
 
@@ -430,4 +459,112 @@ def test_every_system_declares_what_the_monitors_read() -> None:
     distill = InitializerDistillation(net(), lrs=[0.1, 0.05])
     assert isinstance(ep, RelaxingSystem) and not isinstance(ep, InitializedSystem)
     assert isinstance(iep, InitializedSystem) and isinstance(distill, InitializedSystem)
-    assert (distill.K, distill.beta) == (0, 0.0), "no nudged phase: the monitor skips it"
+    assert ep.has_nudged_phase and ep.nudging_pair() == (0.0, 0.1)
+    assert not distill.has_nudged_phase and distill.nudging_pair() is None, "no nudged phase: the monitor skips it"
+    bptt = EquilibriumModule(PrototypicalNet([16, 8, 3]), algorithm="bptt", T=4, K=2)
+    assert not bptt.has_nudged_phase and bptt.nudging_pair() is None, "BPTT has no nudged phase"
+
+
+# --- the monitors show what training applied ---------------------------------------------------------------------
+class AppliedUpdate(L.Callback):
+    """At the optimizer step of the first batch: the applied update −∇ (the parameters' .grad after manual_backward)
+    and what the monitor computes for that batch and those weights, with the pair the step used."""
+
+    def __init__(self, monitor: ConvergenceMonitor, x: Tensor, labels: Tensor) -> None:
+        self.monitor, self.x, self.labels = monitor, x, labels
+        self.applied: dict[str, Tensor] = {}
+        self.logged: dict[str, Tensor] = {}
+        self.pair = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self.applied:
+            return
+        self.applied = {f"ep_update/{n}": -p.grad.clone() for n, p in pl_module.net.named_parameters()}
+        self.pair = pl_module.nudging_pair()
+        snap = self.monitor.snapshot(pl_module, self.x, self.labels)
+        self.logged = {k: v for k, v in self.monitor.histograms_of(snap, pl_module).items() if "ep_update" in k}
+
+
+@pytest.mark.parametrize(
+    "nudging, readout", [("one_sided", "mse"), ("symmetric", "mse"), ("random_sign", "mse"), ("symmetric", "ce")]
+)
+def test_the_logged_update_is_the_applied_update_for_every_nudging(nudging: str, readout: str) -> None:
+    """One batch that is also the monitor's fixed batch: the monitor's ``ep_update/*`` equals −(the gradient training
+    applied) for one-sided, symmetric and random-sign nudging (and a softmax read-out, whose cross-entropy gradient
+    joins the update), with the pair the step drew; the monitor never draws from the sign stream. Float64, the
+    same phases and the same loss: equal to rounding."""
+    torch.manual_seed(0)
+    net = PrototypicalNet([16, 8, 8, 3], readout=readout).double()
+    module = EquilibriumModule(net, T=8, K=3, beta=0.5, lrs=[0.05] * 3, nudging=nudging, sign_seed=4)
+    x = torch.rand(6, 16, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    monitor = ConvergenceMonitor(every_n_steps=0, every_n_epochs=0)
+    probe = AppliedUpdate(monitor, x, labels)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        callbacks=[probe],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, labels), batch_size=6))
+    assert probe.pair == module.nudging_pair()
+    expected_pair = {"one_sided": (0.0, 0.5), "symmetric": (-0.5, 0.5)}.get(nudging)
+    if expected_pair is not None:
+        assert probe.pair == expected_pair
+    assert probe.logged.keys() == probe.applied.keys() and probe.applied
+    for tag, applied in probe.applied.items():
+        torch.testing.assert_close(probe.logged[tag], applied, rtol=1e-10, atol=1e-13, msg=tag)
+    if nudging == "random_sign":  # one draw for the one step: the monitor's reads left the stream alone
+        fresh = EquilibriumModule(net, beta=0.5, nudging="random_sign", sign_seed=4)
+        assert fresh.draw_nudging_pair() == probe.pair
+        assert torch.equal(fresh.sign_generator.get_state(), module.sign_generator.get_state())
+
+
+def test_bptt_runs_show_no_nudged_phase(tmp_path: Path) -> None:
+    """BPTT has no nudged phase: the monitors relax none and log no nudged tags and no EP update; the training-batch
+    snapshot is the training step's own free phase (T steps), recorded as it ran."""
+    monitor = ConvergenceMonitor(every_n_steps=2, every_n_epochs=1, max_samples=4)
+    torch.manual_seed(0)
+    module = EquilibriumModule(PrototypicalNet([16, 8, 3]).double(), algorithm="bptt", T=8, K=3, lrs=[0.05, 0.05])
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=logger,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        log_every_n_steps=1,
+    )
+    train, _ = loaders()
+    trainer.fit(module, train_dataloaders=train)
+    runs = read_runs(trainer.logger.log_dir)
+    tags = {t for acc in runs.values() for t in acc.Tags()["scalars"]} | set(runs["."].Tags()["histograms"])
+    assert any("/free/" in t for t in tags) and not any("nudged" in t or "ep_update" in t for t in tags), tags
+    training = runs["relaxation/training_batch"]
+    assert [e.step for e in training.Scalars("convergence/train/free/residual/layer1")] == [
+        100 * step + t for step in (0, 2, 4) for t in range(1, 9)
+    ]
+
+
+def test_warnings_name_a_saturated_or_saturating_layer(caplog: pytest.LogCaptureFixture) -> None:
+    """The one-line summary of trouble: a hidden layer saturated on (almost) every unit, or one whose saturation grew
+    by ``warn_saturation_growth`` since the first monitored epoch; the output layer of an mse net (saturated by its
+    one-hot targets) is never named."""
+    net = linear_net(0.5)
+    module = EquilibriumModule(net, T=12, K=2, beta=0.5)
+    x = torch.rand(4, 4, dtype=torch.float64)
+    monitor = ConvergenceMonitor(tolerance=1.0, warn_saturation_growth=0.2)  # converged: only saturation speaks
+    snap = monitor.snapshot(module, x, torch.zeros(4, dtype=torch.long))
+    metrics = lambda hidden, output: {"saturation/free/layer1": hidden, "saturation/free/output": output}
+    first = _warning(caplog, monitor, snap, module, epoch=0, metrics=metrics(0.17, 0.7))
+    assert first == ""  # the first epoch sets the reference
+    assert _warning(caplog, monitor, snap, module, epoch=1, metrics=metrics(0.3, 0.99)) == ""  # +13 points; output
+    grew = _warning(caplog, monitor, snap, module, epoch=4, metrics=metrics(0.52, 0.995))
+    assert "layer1 saturation grew 17 % → 52 % since epoch 0" in grew and "output" not in grew, grew
+    full = _warning(caplog, monitor, snap, module, epoch=5, metrics=metrics(0.999, 1.0))
+    assert "layer1 saturated (100 % of its units" in full and "learning rates too large" in full, full

@@ -164,7 +164,7 @@ def test_two_processes_equal_one_process_on_the_full_batch(
     if algorithm == "iep":
         # The sign sequence of these steps holds both signs, so a rank drawing its own sign could not go unnoticed.
         probe = copy.deepcopy(module)
-        signs = {probe.nudging_pair()[1] for _ in range(STEPS)}
+        signs = {probe.draw_nudging_pair()[1] for _ in range(STEPS)}
         assert signs == {0.5, -0.5}, f"seed gives signs {signs}: pick a seed with both signs in {STEPS} steps"
     ranks, reference, initial = run_ddp_and_reference(module, start_method, tmp_path)
     check_shards(ranks, reference)

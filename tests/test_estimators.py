@@ -9,7 +9,7 @@ from ep_lightning.estimators import bptt_loss, ep_surrogate
 from ep_lightning.models import EnergyBasedNet, PrototypicalNet
 from ep_lightning.relaxation import relax
 from ep_lightning.systems import EquilibriumModule
-from ep_lightning.systems.base import EPSystem
+from ep_lightning.systems.estimator import EstimatorSystem
 
 
 def naive_p1h_bptt_grads(
@@ -96,7 +96,7 @@ def test_nudging_pairs_give_the_ep_update_of_their_formula() -> None:
 
 @pytest.mark.parametrize("nudging, pair", [("one_sided", (0.0, 0.3)), ("symmetric", (-0.3, 0.3))])
 def test_phases_run_every_nudging_through_one_runner(nudging: str, pair: tuple[float, float]) -> None:
-    """``EPSystem.phases``: a β of 0 returns s* itself, two non-zero βs equal two separate nudged relaxations."""
+    """``EnergySystem.phases``: a β of 0 returns s* itself, two non-zero βs equal two separate nudged relaxations."""
     torch.manual_seed(0)
     model = PrototypicalNet([10, 8, 5]).double()
     module = EquilibriumModule(model, T=12, K=5, beta=0.3, nudging=nudging)
@@ -122,7 +122,7 @@ def test_default_optimizer_without_lrs_is_an_error_when_training_starts() -> Non
         EquilibriumModule(model).configure_optimizers()
     adam = EquilibriumModule(model, optimizer=lambda groups: torch.optim.Adam(groups, lr=1e-3)).configure_optimizers()
     assert [g["lr"] for g in adam.param_groups] == [1e-3, 1e-3]
-    assert issubclass(EquilibriumModule, EPSystem)
+    assert issubclass(EquilibriumModule, EstimatorSystem)
 
 
 def _ep_vs_bptt_relative_error(model, x, y, T: int, K: int, beta: float, nudging: str = "one_sided") -> float:

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from ep_lightning.callbacks import ConvergenceMonitor, DivergenceGuard, InitializationMonitor
+from ep_lightning.callbacks import ConvergenceMonitor, InitializationMonitor
 from ep_lightning.data import MNISTDataModule
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, FeedforwardInitializer, PrototypicalNet
 from ep_lightning.models.initializer import leaky_hard_sigmoid_derivative
 from ep_lightning.relaxation import RelaxationTrace, relax
 from ep_lightning.systems import EquilibriumModule, InitializedEP, InitializerDistillation
-from ep_lightning.systems.base import SIGN_GENERATOR_KEY
+from ep_lightning.systems.estimator import SIGN_GENERATOR_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,9 +109,8 @@ def test_one_backward_gives_the_ep_update_and_the_initializer_update(beta: float
     model, init = module.net, module.initializer
     x = torch.rand(8, 784, dtype=torch.float64)
     target = F.one_hot(torch.randint(0, 10, (8,)), 10).double()
-    module.nudging_pair = lambda: (0.0, beta)  # the test's β, of either sign
-    start = module.start_state(x, None)
-    ep_loss, s_minus, _, _ = module.ep_update(x, target, start)
+    start = module.initial_state(x)  # s^f with graph (grad enabled): the initializer's loss needs it
+    ep_loss, s_minus, _, _ = module.ep_update(x, target, start, betas=(0.0, beta))  # the test's β, of either sign
     init_loss, _ = module.extra_loss(target.argmax(dim=1), start, s_minus)
     (ep_loss + init_loss).backward()
 
@@ -156,13 +155,12 @@ def _fit_callbacks(tmp_path: Path, module: L.LightningModule, *configured: Callb
 
 
 def test_initialization_monitor_comes_with_an_initializer_and_keeps_a_configured_one(tmp_path: Path) -> None:
-    """IEP with an initializer gets one InitializationMonitor (and the default DivergenceGuard) without configuring
-    it; a configured monitor is kept with its settings, not replaced or doubled; plain EP (no initializer) gets none."""
+    """IEP with an initializer gets one InitializationMonitor without configuring it; a configured monitor is kept
+    with its settings, not replaced or doubled; plain EP (no initializer) gets none."""
     seen = _fit_callbacks(tmp_path, _iep(hidden=8, T=2, K=1))
     monitors = [c for c in seen if isinstance(c, InitializationMonitor)]
     assert len(monitors) == 1 and monitors[0].every_n_epochs == 1
     assert monitors[0]._batch is not None  # its hooks ran: it took the first training batch
-    assert sum(isinstance(c, DivergenceGuard) for c in seen) == 1
     mine = InitializationMonitor(every_n_epochs=3, steps=2)
     seen = _fit_callbacks(tmp_path, _iep(hidden=8, T=2, K=1), mine)
     assert [c for c in seen if isinstance(c, InitializationMonitor)] == [mine]
@@ -208,7 +206,7 @@ def test_convergence_monitor_does_not_warn_about_the_truncated_free_phase(
 
 # --- the random sign of β ---------------------------------------------------------------------------------------
 def test_beta_sign_is_seeded_and_restored_from_checkpoint() -> None:
-    signs = lambda m, n: [m.nudging_pair()[1] for _ in range(n)]
+    signs = lambda m, n: [m.draw_nudging_pair()[1] for _ in range(n)]
     a, b, c = _iep(sign_seed=3), _iep(sign_seed=3), _iep(sign_seed=4)
     seq_a = signs(a, 40)
     assert seq_a == signs(b, 40)
@@ -229,9 +227,9 @@ def test_beta_sign_generator_survives_pickling() -> None:
     import pickle
 
     module = _iep(sign_seed=5)
-    module.nudging_pair()[1]
+    module.draw_nudging_pair()
     clone = pickle.loads(pickle.dumps(module))
-    assert [clone.nudging_pair()[1] for _ in range(30)] == [module.nudging_pair()[1] for _ in range(30)]
+    assert [clone.draw_nudging_pair()[1] for _ in range(30)] == [module.draw_nudging_pair()[1] for _ in range(30)]
 
 
 def _fit_weights(seed: int, tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -276,7 +274,8 @@ def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path: Path) -> None:
     second.fit(resumed, datamodule=_mnist(train=200), ckpt_path=tmp_path / "mid.ckpt", weights_only=False)
     assert second.global_step == 20  # 2 epochs × 10 batches: one counted step per batch
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
-    assert [straight.nudging_pair()[1] for _ in range(10)] == [resumed.nudging_pair()[1] for _ in range(10)]
+    assert straight.nudging_pair() == resumed.nudging_pair()  # the pair of the last step
+    assert [straight.draw_nudging_pair()[1] for _ in range(10)] == [resumed.draw_nudging_pair()[1] for _ in range(10)]
 
 
 def test_global_step_counts_batches_with_two_optimizers(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_lightning.metrics import EpochMeans
+from ep_lightning.systems.base import EpochMeans
 
 
 class SummingStrategy:
@@ -55,3 +55,34 @@ def test_changing_names_within_an_epoch_is_an_error() -> None:
     means.update(2, loss=torch.tensor(1.0))
     with pytest.raises(ValueError, match="accumulates"):
         means.update(2, acc=torch.tensor(1))
+
+
+def test_vector_sums_and_a_checkpointed_epoch_continue_as_one_epoch() -> None:
+    """Per-class prediction counts (a vector sum) next to scalars; the sums saved after 2 of 4 batches and restored
+    into a fresh EpochMeans give, after the remaining 2 batches, exactly the means of the uninterrupted epoch."""
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for n in (4, 3, 5, 2):
+        predicted = torch.randint(0, 3, (n,), generator=generator)
+        counts = torch.zeros(3).scatter_add_(0, predicted, torch.ones(n))
+        batches.append((n, torch.rand(n, generator=generator).sum(), (predicted == 0).sum(), counts))
+    whole, first, second = EpochMeans(), EpochMeans(), EpochMeans()
+    for i, (n, loss, acc, counts) in enumerate(batches):
+        whole.update(n, loss=loss, acc=acc, predicted=counts)
+        if i < 2:
+            first.update(n, loss=loss, acc=acc, predicted=counts)
+    saved = first.state_dict()
+    second.load_state_dict(saved)
+    for n, loss, acc, counts in batches[2:]:
+        second.update(n, loss=loss, acc=acc, predicted=counts)
+    expected, got = whole.compute(), second.compute()
+    assert got.keys() == expected.keys() == {"loss", "acc", "predicted"}
+    assert got["predicted"].shape == (3,)
+    total = torch.stack([b[3] for b in batches]).sum(0)
+    # the shares of predictions per class: counts / 14 samples (float32 sums of small integers: exact)
+    assert torch.equal(expected["predicted"], total / 14)
+    for key in expected:  # same sums added in the same order: bit for bit
+        assert torch.equal(got[key], expected[key]), key
+    empty = EpochMeans()
+    empty.load_state_dict({})
+    assert empty.compute() == {} and EpochMeans().state_dict() == {}

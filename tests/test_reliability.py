@@ -615,7 +615,9 @@ def test_checkpoint_loads_for_validate_test_predict_on_cpu_even_if_saved_on_gpu(
     trained = {k: v.clone() for k, v in fit.model.state_dict().items()}
     fit.trainer.test(fit.model, datamodule=fit.datamodule, verbose=False)
     acc = fit.trainer.callback_metrics["test/acc"].item()
-    expected_predictions = torch.cat(fit.trainer.predict(fit.model, datamodule=fit.datamodule))
+    expected_predictions = torch.cat(
+        [p["prediction"] for p in fit.trainer.predict(fit.model, datamodule=fit.datamodule)]
+    )
     (validated,) = fit.trainer.validate(fit.model, datamodule=fit.datamodule, verbose=False)
     val_acc = validated["val/acc"]
     cpu_ckpt = next((tmp_path / "fit").rglob("last.ckpt"))
@@ -634,7 +636,7 @@ def test_checkpoint_loads_for_validate_test_predict_on_cpu_even_if_saved_on_gpu(
         validate = cli_main(["validate", *args])
         assert validate.trainer.callback_metrics["val/acc"].item() == pytest.approx(val_acc, abs=1e-7)
         predict = cli_main(["predict", *args])
-        predictions = torch.cat(predict.trainer.predict_loop.predictions)
+        predictions = torch.cat([p["prediction"] for p in predict.trainer.predict_loop.predictions])
         assert torch.equal(predictions, expected_predictions)
     if net != "IEP":
         network = PrototypicalNet([784, 16, 10]) if net == "P" else EnergyBasedNet([784, 16, 10])

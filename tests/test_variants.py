@@ -24,12 +24,10 @@ from ep_lightning.estimators import ep_surrogate
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, PrototypicalNet
 from ep_lightning.models.activations import get_activation
 from ep_lightning.models.nudging import repeat_batch
-from ep_lightning.random_sign import SignGenerator
 from ep_lightning.relaxation import RelaxationTrace, StoppingRule, relax
 from ep_lightning.systems import EquilibriumModule
-from ep_lightning.systems.base import SIGN_GENERATOR_KEY
-from ep_lightning.systems.equilibrium import WARM_START_KEY
-from ep_lightning.warm_start import PersistentStates
+from ep_lightning.systems.equilibrium import WARM_START_KEY, PersistentStates
+from ep_lightning.systems.estimator import SIGN_GENERATOR_KEY, SignGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "MNIST" / "raw"
@@ -334,6 +332,7 @@ def test_random_sign_update_uses_the_drawn_sign_and_checkpoint_restores_the_stre
     signs = [probe.signed(0.3) for _ in range(6)]
     assert set(signs) == {0.3, -0.3}
     for beta in signs:
+        assert module.draw_nudging_pair() == (0.0, beta) == module.nudging_pair()  # drawn once, then read
         got = grads_of(module.ep_update(x, y, model.init_state(x))[0], model)
         with torch.no_grad():
             free = relax(model, model.drive(x), model.init_state(x), 20)
@@ -343,12 +342,12 @@ def test_random_sign_update_uses_the_drawn_sign_and_checkpoint_restores_the_stre
             torch.testing.assert_close(a, b, **EXACT)
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
-    expected = [module.nudging_pair()[1] for _ in range(10)]
+    expected = [module.draw_nudging_pair()[1] for _ in range(10)]
     restored = EquilibriumModule(tiny("p1h_mse"), beta=0.3, nudging="random_sign", sign_seed=99)
     restored.on_load_checkpoint(checkpoint)
-    assert [restored.nudging_pair()[1] for _ in range(10)] == expected
+    assert [restored.draw_nudging_pair()[1] for _ in range(10)] == expected
     clone = pickle.loads(pickle.dumps(module))
-    assert [clone.nudging_pair()[1] for _ in range(10)] == [module.nudging_pair()[1] for _ in range(10)]
+    assert [clone.draw_nudging_pair()[1] for _ in range(10)] == [module.draw_nudging_pair()[1] for _ in range(10)]
 
 
 # --- adaptive relaxation --------------------------------------------------------------------------------------------
@@ -482,7 +481,7 @@ def test_warm_start_and_adaptive_relaxation_save_free_steps(tmp_path: Path) -> N
     x = images[:5]
     with torch.no_grad():
         from_zero = relax(warm.model.net, warm.model.net.drive(x), warm.model.net.init_state(x), 30)
-    assert torch.equal(warm.model.predict_step((x, torch.zeros(5)), 0), warm.model.net.predict(from_zero))
+    assert torch.equal(warm.model.predict_step((x, torch.zeros(5)), 0)["prediction"], warm.model.net.predict(from_zero))
 
 
 def test_warm_start_needs_return_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -503,7 +502,7 @@ def test_warm_start_needs_return_index(tmp_path: Path, capsys: pytest.CaptureFix
     assert "model.warm_start=true needs" in err and "data.return_index=true" in err
     module = EquilibriumModule(tiny("p1h_mse"), warm_start=True)
     with pytest.raises(ValueError, match="data.return_index=true"):
-        module.start_state(torch.zeros(2, 12, dtype=torch.float64), None)
+        module.on_train_batch_start((torch.zeros(2, 12, dtype=torch.float64), torch.zeros(2, dtype=torch.long)), 0)
 
 
 def test_resume_is_exact_with_random_sign_and_warm_start(tmp_path: Path) -> None:
@@ -660,8 +659,6 @@ def test_training_step_reads_no_tensor_value_on_the_host(
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from ep_lightning.systems import base
-
     reads: list[str] = []
     per_step: list[list[str]] = []
 
@@ -697,7 +694,7 @@ def test_training_step_reads_no_tensor_value_on_the_host(
         accelerator="cpu",
     )
     with monkeypatch.context() as m:
-        m.setattr(base, "check_training_step", lambda *args: True)
+        m.setattr(module, "check_training_step", lambda *args: True)
         trainer.fit(module, DataLoader(data, batch_size=4))
     assert trainer.global_step == 3 and per_step == [[], [], []], per_step
     trainer = L.Trainer(

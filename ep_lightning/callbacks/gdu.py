@@ -6,10 +6,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from ep_lightning.gdu import gdu_check, gdu_curves_figure, gdu_metrics, gdu_rmse_figure, gdu_settings
+from ep_lightning.callbacks.tensorboard import add_figures
+from ep_lightning.figures import gdu_curves_figure, gdu_rmse_figure
+from ep_lightning.gdu import gdu_check, gdu_metrics, gdu_settings
 
 
 class GDUMonitor(L.Callback):
@@ -77,13 +78,5 @@ class GDUMonitor(L.Callback):
 
     def _log_figures(self, trainer: L.Trainer, result: Any, metrics: dict[str, float]) -> None:
         """Curves and RMSE bars, one of each per checked epoch."""
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
-        import matplotlib.pyplot as plt
-
         figures = {"gdu/curves": gdu_curves_figure(result, units=self.units), "gdu/rmse": gdu_rmse_figure(metrics)}
-        for tag, fig in figures.items():
-            for lg in loggers:
-                lg.experiment.add_figure(tag, fig, global_step=trainer.current_epoch, close=False)
-            plt.close(fig)
+        add_figures(trainer, figures, trainer.current_epoch)

@@ -6,11 +6,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from ep_lightning.callbacks.tensorboard import add_figures
+from ep_lightning.figures import residual_comparison_figure
 from ep_lightning.protocols import InitializedSystem
-from ep_lightning.relaxation import RelaxationTrace, relax
+from ep_lightning.relaxation import PhaseTrace
 
 
 class InitializationMonitor(L.Callback):
@@ -50,16 +51,16 @@ class InitializationMonitor(L.Callback):
 
     @staticmethod
     def residual_curves(system: InitializedSystem, x: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(residuals from s^f, residuals from zero) as (steps, layers) tensors, and ‖s^f − s_T‖ per layer."""
-        model = system.net
+        """(residuals from s^f, residuals from zero) as (steps, layers) tensors, and ‖s^f − s_T‖ per layer: the
+        system's free phase (``system.phases``) from s^f and, with the same drive (E^λ anchored at s^f), from zero."""
         with torch.no_grad():
             s_f = system.initial_state(x)
             drive = system.relaxation_drive(x, s_f)
-            from_init, from_zero = RelaxationTrace(), RelaxationTrace()
-            final = relax(model, drive, s_f, steps, trace=from_init)
-            relax(model, drive, model.init_state(x), steps, trace=from_zero)
+            from_init, from_zero = PhaseTrace(phi=False), PhaseTrace(phi=False)
+            final = system.phases(x, None, s_f, None, trace=from_init, steps=steps, drive=drive).free
+            system.phases(x, None, system.net.init_state(x), None, trace=from_zero, steps=steps, drive=drive)
             dist = torch.stack([(a - b).flatten(1).norm(dim=1).mean() for a, b in zip(s_f, final)])
-        return from_init.residuals, from_zero.residuals, dist
+        return from_init.free.residuals, from_zero.free.residuals, dist
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.every_n_epochs or self._batch is None or (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -78,28 +79,5 @@ class InitializationMonitor(L.Callback):
             )
             pl_module.log(f"iep/dist_init_to_fixed_point/{name}", float(dist[layer]), on_epoch=True, sync_dist=True)
         if trainer.is_global_zero:
-            self._log_figure(trainer, res_init.cpu(), res_zero.cpu(), names)
-
-    @staticmethod
-    def _log_figure(trainer: L.Trainer, res_init: Tensor, res_zero: Tensor, names: list[str]) -> None:
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        steps = torch.arange(1, res_init.shape[0] + 1)
-        for layer, name in enumerate(names):
-            line = ax.semilogy(steps, res_init[:, layer].clamp_min(1e-30), label=f"{name}, from s^f")[0]
-            ax.semilogy(
-                steps, res_zero[:, layer].clamp_min(1e-30), "--", color=line.get_color(), label=f"{name}, from 0"
-            )
-        ax.set(xlabel="step t", ylabel="‖s_{t+1} − s_t‖ (batch mean)", title="free-phase residual: from s^f vs from 0")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        for lg in loggers:
-            lg.experiment.add_figure("iep/residual_vs_t", fig, global_step=trainer.current_epoch)
-        plt.close(fig)
+            figure = residual_comparison_figure(res_init.cpu(), res_zero.cpu(), names)
+            add_figures(trainer, {"iep/residual_vs_t": figure}, trainer.current_epoch)

@@ -9,9 +9,14 @@ Conventions, shared by all models:
   for energy-based (EB) models it is −E(x, s, θ). The EP update is then always
   Δθ = (1/β)(∂Φ/∂θ(s^β) − ∂Φ/∂θ(s*)), applied as the gradient of the surrogate (Φ(s*) − Φ(s^β))/β.
 - ``step`` computes the transition in closed form (no autograd inside), so it runs under ``torch.no_grad`` for EP
-  and builds a graph for BPTT with the same code.
+  and builds a graph for BPTT with the same code. A step is nudged exactly when it is given a ``target``.
 - The cost is ℓ(s, y) = ½‖s_out − y‖² per sample (``cost_scale`` c = ½); nudging adds β·(−∂ℓ/∂s_out) = β(y − s_out)
   to the output update (times ε for EB models, see ``nudge_scale``).
+
+Besides the dynamics, a model declares the facts that systems, monitors and checks read (never probe):
+``input_shape``, ``num_classes``, ``activation_name`` / ``activation_bounds``, ``step_sizes``, ``readout``,
+``supports_anchor`` and ``init_args`` (the constructor arguments that rebuild the same network, written into
+checkpoints).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ep_lightning.models.activations import ACTIVATION_BOUNDS
 
 State = tuple[Tensor, ...]
 
@@ -37,6 +44,37 @@ class EnergyModel(nn.Module, ABC):
     nudge_scale: float = 1.0
     #: c in the cost ℓ = c‖s_out − y‖² (½ in Ernoult et al.; 1 in O'Connor et al.'s Initialized EP).
     cost_scale: float = 0.5
+    #: Config name of the activation σ (or ρ) of the state layers (``models/activations.py``).
+    activation_name: str
+    #: ``mse``: the output layer is a state layer; ``ce``: a softmax read-out outside the dynamics (``readout.py``).
+    readout: str = "mse"
+    #: Whether ``drive(x, anchor=s^f, anchor_strength=λ)`` adds Initialized EP's anchor (λ/2)‖s − s^f‖² to E.
+    supports_anchor: bool = False
+
+    # --- declared facts -----------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample input shape: ``(n_in,)`` for layered nets (any input is flattened to n_in values), ``(C, H, W)``
+        for convolutional ones."""
+
+    @property
+    @abstractmethod
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments of this network (plain values): ``type(net)(**net.init_args)`` builds the same
+        architecture. Checkpoints carry them as the network's description."""
+
+    @property
+    def activation_bounds(self) -> tuple[float, float] | None:
+        """(lower, upper) bounds of the state layers' activation range (saturation is measured against them); None
+        for an unbounded activation."""
+        return ACTIVATION_BOUNDS.get(self.activation_name)
+
+    @property
+    def step_sizes(self) -> dict[str, float]:
+        """The step-size hyperparameters of the dynamics by constructor name (``dt`` of P nets, ``eps`` of EB nets;
+        none for nets with a fixed step): what to lower when the relaxation diverges."""
+        return {}
 
     @abstractmethod
     def init_state(self, x: Tensor) -> State:
@@ -47,18 +85,20 @@ class EnergyModel(nn.Module, ABC):
         """The input term of the dynamics, constant during relaxation: compute it once per batch."""
 
     @abstractmethod
-    def step(self, state: State, drive: Any, beta: float = 0.0, target: Tensor | None = None) -> State:
-        """One synchronous update of all layers; with β ≠ 0 the output is nudged toward ``target``."""
+    def step(self, state: State, drive: Any, beta: float | Tensor = 0.0, target: Tensor | None = None) -> State:
+        """One synchronous update of all layers; with a ``target`` the output is nudged toward it with strength β
+        (a float, or one value per sample)."""
 
     @abstractmethod
     def phi(self, x: Tensor, state: State) -> Tensor:
         """Per-sample Φ(x, s, θ) for P models, −E(x, s, θ) for EB models; shape (batch,)."""
 
-    def ep_contrast(self, x: Tensor, free: State, nudged: State, scale: float = 1.0) -> Tensor:
-        """scale · Σ_batch [Φ(x, s*, θ) − Φ(x, s^β, θ)] with states treated as constants; its θ-gradient is the
-        (negated) EP update times the scale. Models whose Φ is linear in θ override this with a cheaper form that
-        has the same value and gradient (tested against this default)."""
-        total = (self.phi(x, free) - self.phi(x, nudged)).sum()
+    def ep_contrast(self, x: Tensor, state_a: State, state_b: State, scale: float = 1.0) -> Tensor:
+        """scale · Σ_batch [Φ(x, s_a, θ) − Φ(x, s_b, θ)] with the states treated as constants (s_a, s_b: the states
+        of a nudging pair, e.g. s* and s^β); with scale = 1/(β_b − β_a) its θ-gradient is the negated EP update.
+        Models whose Φ is linear in θ override this with a cheaper form that has the same value and gradient (tested
+        against this default)."""
+        total = (self.phi(x, state_a) - self.phi(x, state_b)).sum()
         return total if scale == 1.0 else total * scale
 
     @abstractmethod
@@ -100,10 +140,12 @@ class EnergyModel(nn.Module, ABC):
     def init_state_shapes(self) -> list[tuple[int, ...]]:
         """Per-sample shape of each state layer, input → output."""
 
-    def forward(self, x: Tensor, steps: int) -> Tensor:
-        """Inference: relax the free phase ``steps`` steps from ``init_state`` and return the output layer."""
+    def forward(self, x: Tensor, steps: int, start: State | None = None, **drive_options: Any) -> Tensor:
+        """Inference: relax the free phase ``steps`` steps from ``start`` (default ``init_state(x)``) with the drive
+        ``drive(x, **drive_options)``, without graph, and return the output (``output``)."""
         from ep_lightning.relaxation import relax
 
         with torch.no_grad():
-            state = relax(self, self.drive(x), self.init_state(x), steps)
+            start = self.init_state(x) if start is None else start
+            state = relax(self, self.drive(x, **drive_options), start, steps)
         return self.output(state)

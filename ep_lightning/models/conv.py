@@ -8,7 +8,7 @@ term s_{i+1} · P(conv(s_i)), with the argmax taken at the *current* s_i.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ep_lightning.models.activations import ActivationName, get_activation
 from ep_lightning.models.base import EnergyModel, State
-from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
+from ep_lightning.models.nudging import Beta, add_nudge
 from ep_lightning.models.readout import ReadoutName, SoftmaxReadoutMixin, check_readout
 
 
@@ -161,6 +161,25 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         self.fc = nn.Linear(channels[-1] * self.state_sizes[-1] ** 2, self.num_classes)
 
     # --- shapes ----------------------------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.input_channels, self.input_size, self.input_size)
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        return {
+            "input_size": self.input_size,
+            "input_channels": self.input_channels,
+            "channels": list(self.channels),
+            "kernel_size": self.kernel_size,
+            "padding": self.padding,
+            "pool_size": self.pool_size,
+            "num_classes": self.num_classes,
+            "activation": self.activation_name,
+            "readout": self.readout,
+            "relaxation_conv_dtype": self.relaxation_conv_dtype,
+        }
+
     def init_state_shapes(self) -> list[tuple[int, ...]]:
         conv = [(c, h, h) for c, h in zip(self.channels, self.state_sizes)]
         return conv if self.readout == "ce" else conv + [(self.num_classes,)]
@@ -214,9 +233,7 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
     def step(self, state: State, drive: Tensor, beta: Beta = 0.0, target: Tensor | None = None) -> State:
         """s_i ← σ(∂Φ/∂s_i) for all layers from the old state; o ← σ(W_fc s_L + b_fc) + β(y − o) (``mse``), or
         s_L ← σ(∂Φ/∂s_L + β reshape(W_fcᵀ(y − softmax(W_fc s_L + b_fc)))) (``ce``)."""
-        nudged = is_nudged(beta)
-        if nudged:
-            assert target is not None, "a nudged step needs a target"
+        nudged = target is not None
         ce = self.readout == "ce"
         n_conv = len(self.convs)
         pooled, indices = [drive], [None]

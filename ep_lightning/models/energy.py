@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from torch import Tensor
 from ep_lightning.models.activations import ActivationName, activation_and_scaled_derivative, get_activation
 from ep_lightning.models.base import State
 from ep_lightning.models.layered import LayeredNet, bilinear_contrast
-from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
+from ep_lightning.models.nudging import Beta, add_nudge
 
 
 class EnergyDrive(NamedTuple):
@@ -105,6 +105,24 @@ class EnergyBasedNet(LayeredNet):
         self.cost_scale = float(cost_scale)
         self.output_dynamics = output_dynamics
 
+    #: The Initialized-EP anchor enters ``drive`` (``anchor``, ``anchor_strength``).
+    supports_anchor = True
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers),
+            "activation": self.activation_name,
+            "eps": self.eps,
+            "clamp": self.clamp,
+            "cost_scale": self.cost_scale,
+            "output_dynamics": self.output_dynamics,
+        }
+
+    @property
+    def step_sizes(self) -> dict[str, float]:
+        return {"eps": self.eps}
+
     def drive(self, x: Tensor, anchor: State | None = None, anchor_strength: float = 0.0) -> EnergyDrive:
         """W_0 ρ(x) + b_0, plus the optional Initialized-EP anchor s^f with strength λ."""
         if anchor is not None:
@@ -117,7 +135,8 @@ class EnergyBasedNet(LayeredNet):
         """h ← clamp(h − ε ∂E/∂h [− ελ(h − s^f)] [+ εβ·2c(y − h_out)]), all layers from the old state, with
         ∂E/∂h_{n+1} = h_{n+1} − ρ'(h_{n+1}) ⊙ (W_n ρ(h_n) + b_n + W_{n+1}ᵀ ρ(h_{n+2})), built as
         h + (εk)(ρ'/k) ⊙ pre − ε h (one addmm, one addmm_, one addcmul per layer; ρ' = k·(ρ'/k), see
-        ``activation_and_scaled_derivative``); with ``output_dynamics='linear'`` the output layer is h + ε pre − ε h."""
+        ``activation_and_scaled_derivative``); with ``output_dynamics='linear'`` the output layer is h + ε pre − ε h.
+        Nudged iff ``target``."""
         activated = [activation_and_scaled_derivative(self.activation_name, h) for h in state]
         weights, eps, last = drive.weights, self.eps, len(state) - 1
         anchored = drive.anchor is not None and drive.anchor_strength != 0.0
@@ -138,8 +157,7 @@ class EnergyBasedNet(LayeredNet):
             if anchored:
                 new.sub_(h - drive.anchor[n], alpha=eps * drive.anchor_strength)
             new_state.append(new)
-        if is_nudged(beta):
-            assert target is not None, "a nudged step needs a target"
+        if target is not None:
             new_state[-1] = add_nudge(new_state[-1], self.nudge(state, target), self.eps * beta)
         if self.clamp:  # in place on the fresh tensors, unless autograd records the step (BPTT)
             new_state = [h.clamp(0.0, 1.0) if h.requires_grad else h.clamp_(0.0, 1.0) for h in new_state]
@@ -159,12 +177,12 @@ class EnergyBasedNet(LayeredNet):
         """Φ = −E(x, s, θ) per sample."""
         return -self.energy(x, state)
 
-    def ep_contrast(self, x: Tensor, free: State, nudged: State, scale: float = 1.0) -> Tensor:
-        """scale · Σ_batch [E(s^β) − E(s*)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ on the activated layers u = ρ(h), u_0 = ρ(x),
+    def ep_contrast(self, x: Tensor, state_a: State, state_b: State, scale: float = 1.0) -> Tensor:
+        """scale · Σ_batch [E(s_b) − E(s_a)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, c_n⟩ on the activated layers u = ρ(h), u_0 = ρ(x),
         plus the θ-independent ½‖h‖² terms (kept so the value equals the default −E form)."""
-        x_term = self.rho(x.flatten(1).to(free[0].dtype))
+        x_term = self.rho(x.flatten(1).to(state_a[0].dtype))
         with torch.no_grad():
-            u_free = (x_term, *(self.rho(h) for h in free))
-            u_nudged = (x_term, *(self.rho(h) for h in nudged))
-            quadratic = 0.5 * sum(hn.pow(2).sum() - hf.pow(2).sum() for hf, hn in zip(free, nudged))
-        return bilinear_contrast(self.synapses, u_free, u_nudged, scale) + scale * quadratic
+            u_a = (x_term, *(self.rho(h) for h in state_a))
+            u_b = (x_term, *(self.rho(h) for h in state_b))
+            quadratic = 0.5 * sum(hb.pow(2).sum() - ha.pow(2).sum() for ha, hb in zip(state_a, state_b))
+        return bilinear_contrast(self.synapses, u_a, u_b, scale) + scale * quadratic

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +57,11 @@ class FeedforwardInitializer(nn.Module):
         self.leak = float(leak)
         self.synapses = make_synapses(layers)
         self.reset_parameters()
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments (``FeedforwardInitializer(**init_args)`` builds the same network)."""
+        return {"layers": list(self.layers), "leak": self.leak}
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weights (U(±√(6/(n_in + n_out)))), zero biases."""

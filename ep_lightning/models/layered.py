@@ -38,6 +38,11 @@ class LayeredNet(EnergyModel):
         self.synapses = make_synapses(self.layers)
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """``(layers[0],)``: every input is flattened to n_in values."""
+        return (self.layers[0],)
+
+    @property
     def n_dynamic(self) -> int:
         """Number of state layers (synapses inside Φ); all layers above the input unless a subclass says otherwise."""
         return len(self.layers) - 1
@@ -78,33 +83,34 @@ class BilinearForm(torch.autograd.Function):
 
 
 def bilinear_contrast(
-    synapses: Sequence[nn.Linear], free: Sequence[Tensor], nudged: Sequence[Tensor], scale: float = 1.0
+    synapses: Sequence[nn.Linear], state_a: Sequence[Tensor], state_b: Sequence[Tensor], scale: float = 1.0
 ) -> Tensor:
-    """scale · Σ_batch Σ_n [u*_{n+1}·(W_n u*_n + b_n) − u^β_{n+1}·(W_n u^β_n + b_n)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩,
+    """scale · Σ_batch Σ_n [a_{n+1}·(W_n a_n + b_n) − b_{n+1}·(W_n b_n + b_n)] = Σ_n ⟨W_n, A_n⟩ + ⟨b_n, c_n⟩,
 
-    with A_n = scale · (u*_{n+1}ᵀ u*_n − u^βᵀ_{n+1} u^β_n) and a_n = scale · Σ_batch (u*_{n+1} − u^β_{n+1}) computed
-    without graph (the scale multiplies the layer above before the product). ``free``/``nudged`` hold u_0 … u_L (u_0,
-    the input term, is shared). One outer product per layer instead of two forward and two backward products, and
-    one ``BilinearForm`` node for all parameters: same value (up to summation order), same θ-gradient (the EP update;
-    bit for bit when the scale is a power of 2, else up to the rounding of where the scale is applied).
+    for the layers a = s_a and b = s_b of two states (e.g. s* and s^β), with A_n = scale · (a_{n+1}ᵀ a_n − b_{n+1}ᵀ b_n)
+    and c_n = scale · Σ_batch (a_{n+1} − b_{n+1}) computed without graph (the scale multiplies the layer above before
+    the product). ``state_a``/``state_b`` hold u_0 … u_L (u_0, the input term, is shared). One outer product per
+    layer instead of two forward and two backward products, and one ``BilinearForm`` node for all parameters: same
+    value (up to summation order), same θ-gradient (the EP update; bit for bit when the scale is a power of 2, else up
+    to the rounding of where the scale is applied).
     """
     params: list[Tensor] = []
     coefficients: list[Tensor] = []
     with torch.no_grad():
         for n, synapse in enumerate(synapses):
-            below_free, below_nudged = free[n].flatten(1), nudged[n].flatten(1)
-            delta_above = free[n + 1] - nudged[n + 1]
+            below_a, below_b = state_a[n].flatten(1), state_b[n].flatten(1)
+            delta_above = state_a[n + 1] - state_b[n + 1]
             if scale != 1.0:
                 delta_above.mul_(scale)
-            if below_free is below_nudged:
-                outer = delta_above.T @ below_free
+            if below_a is below_b:
+                outer = delta_above.T @ below_a
             else:
                 above = (
-                    torch.cat([free[n + 1] * scale, nudged[n + 1] * -scale])
+                    torch.cat([state_a[n + 1] * scale, state_b[n + 1] * -scale])
                     if scale != 1.0
-                    else torch.cat([free[n + 1], -nudged[n + 1]])
+                    else torch.cat([state_a[n + 1], -state_b[n + 1]])
                 )
-                outer = above.T @ torch.cat([below_free, below_nudged])
+                outer = above.T @ torch.cat([below_a, below_b])
             params.append(synapse.weight)
             coefficients.append(outer)
             if synapse.bias is not None:

@@ -1,12 +1,13 @@
 """The nudging strength β as a float (one β for the batch) or a per-sample tensor (symmetric nudging relaxes the
 +β and −β phases as one doubled batch, β = (+β, …, +β, −β, …, −β)).
 
-Every model's ``step`` adds its nudge through :func:`add_nudge`, so both forms work everywhere.
+Every model's ``step`` adds its nudge through :func:`add_nudge`, so both forms work everywhere. A step is nudged
+exactly when it is given a target (``step(state, drive, beta, target)``); β itself is never a switch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -15,9 +16,13 @@ from torch import Tensor
 Beta = float | Tensor
 
 
-def is_nudged(beta: Beta) -> bool:
-    """True unless β is the float 0 (a per-sample tensor always counts as nudged; entries may be zero)."""
-    return isinstance(beta, Tensor) or beta != 0.0
+class NudgingPair(NamedTuple):
+    """(β_a, β_b), β_a ≠ β_b: the two nudging strengths whose states give the EP update
+    (∂Φ/∂θ(s_{β_b}) − ∂Φ/∂θ(s_{β_a})) / (β_b − β_a). One-sided (0, β), random sign (0, ±β), symmetric (−β, +β);
+    a β of 0 stands for s* itself (EP's s^0 is the free fixed point)."""
+
+    a: float
+    b: float
 
 
 def add_nudge(h: Tensor, nudge: Tensor, coefficient: Beta) -> Tensor:
@@ -35,14 +40,14 @@ def add_nudge(h: Tensor, nudge: Tensor, coefficient: Beta) -> Tensor:
 def repeat_batch(value: Any, batch: int, times: int = 2) -> Any:
     """``value`` for the batch repeated ``times`` times along dim 0, without recomputing it: every tensor with at least
     2 dims whose first dim is ``batch`` (a per-sample term: W x, P(conv(x)), a state) is concatenated ``times`` times;
-    everything else (1-d per-unit biases, floats, None) is shared, as are the fields a NamedTuple names in its
-    ``SHARED_FIELDS`` (weights). Walks tuples, lists and NamedTuples (a drive).
+    everything else (1-d per-unit biases, floats, None) is shared, as are the fields a NamedTuple drive declares in
+    its ``SHARED_FIELDS`` (weights; every NamedTuple drive declares it). Walks tuples, lists and NamedTuples.
     Equals ``model.drive(torch.cat([x] * times))`` for this package's models (tested) at a fraction of the cost.
     """
     if isinstance(value, Tensor):
         return torch.cat([value] * times) if value.dim() >= 2 and value.shape[0] == batch else value
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple; SHARED_FIELDS are never repeated
-        shared = getattr(value, "SHARED_FIELDS", ())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # the NamedTuple idiom; SHARED_FIELDS are not repeated
+        shared = value.SHARED_FIELDS
         return type(value)(
             *(v if name in shared else repeat_batch(v, batch, times) for name, v in zip(value._fields, value))
         )

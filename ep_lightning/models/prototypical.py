@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ep_lightning.models.activations import ActivationName, get_activation, get_fused_activation
 from ep_lightning.models.base import State
 from ep_lightning.models.layered import LayeredNet, bilinear_contrast
-from ep_lightning.models.nudging import Beta, add_nudge, is_nudged
+from ep_lightning.models.nudging import Beta, add_nudge
 from ep_lightning.models.readout import ReadoutName, SoftmaxReadoutMixin, check_readout
 
 
@@ -85,6 +85,14 @@ class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
         self.nudge_scale = self.dt  # the nudge enters the leaky update as dt·β(y − s_out)
 
     @property
+    def init_args(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "activation": self.activation_name, "dt": self.dt, "readout": self.readout}
+
+    @property
+    def step_sizes(self) -> dict[str, float]:
+        return {"dt": self.dt}
+
+    @property
     def n_dynamic(self) -> int:
         """Synapses inside Φ (all of them for mse; all but the read-out for ce) = number of dynamical layers."""
         return len(self.layers) - 1 if self.readout == "mse" else len(self.layers) - 2
@@ -111,12 +119,10 @@ class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
     def step(self, state: State, drive: PrototypicalDrive, beta: Beta = 0.0, target: Tensor | None = None) -> State:
         """h_{n+1} ← σ(W_n h_n + b_n + W_{n+1}ᵀ h_{n+2}) for every layer from the old state (dt = 1), leaky with dt,
         plus the nudge on the last layer (``mse``: dt·β(y − s_out) outside σ; ``ce``: β·nudge inside σ);
-        pre-activations built in place as a(…) + c with addmm/addmm_, σ applied in place."""
+        pre-activations built in place as a(…) + c with addmm/addmm_, σ applied in place. Nudged iff ``target``."""
         a, _, activate = self.fused
         weights, transposed, last = drive.weights, drive.transposed, len(state) - 1
-        nudged = is_nudged(beta)
-        if nudged:
-            assert target is not None, "a nudged step needs a target"
+        nudged = target is not None
         ce = self.readout == "ce"
         new_state = []
         for n, h in enumerate(state):
@@ -146,7 +152,7 @@ class PrototypicalNet(SoftmaxReadoutMixin, LayeredNet):
             below = h
         return total
 
-    def ep_contrast(self, x: Tensor, free: State, nudged: State, scale: float = 1.0) -> Tensor:
-        """scale · Σ_batch [Φ(s*) − Φ(s^β)] in the bilinear form Σ_n ⟨W_n, A_n⟩ + ⟨b_n, a_n⟩ (``bilinear_contrast``)."""
-        x = x.flatten(1).to(free[0].dtype)
-        return bilinear_contrast(self.synapses[: self.n_dynamic], (x, *free), (x, *nudged), scale)
+    def ep_contrast(self, x: Tensor, state_a: State, state_b: State, scale: float = 1.0) -> Tensor:
+        """scale · Σ_batch [Φ(s_a) − Φ(s_b)] as Σ_n ⟨W_n, A_n⟩ + ⟨b_n, c_n⟩ (``bilinear_contrast``)."""
+        x = x.flatten(1).to(state_a[0].dtype)
+        return bilinear_contrast(self.synapses[: self.n_dynamic], (x, *state_a), (x, *state_b), scale)

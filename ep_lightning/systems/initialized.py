@@ -4,10 +4,11 @@
 free-phase state, and the free phase starts from f_φ(x) instead of zero. ``InitializerDistillation`` trains only
 f_φ against the fixed points of a frozen, already trained network (P or EB, fully connected).
 
-Per training batch of ``InitializedEP`` (``EPSystem.training_step`` with the hooks below; as in the authors' release):
+Per training batch of ``InitializedEP`` (``EstimatorSystem.training_step`` with the hooks below; as in the authors'
+release):
 
-    s^f = f_φ(x)                                               (``start_state``)
-    s*  = relax(E^λ, from s^f, T steps),     E^λ = E + (λ/2)Σ_l‖s_l − s^f_l‖²  (s^f fixed; ``relaxation_drive``)
+    s^f = f_φ(x)                                               (``initial_state``)
+    s*  = relax(E^λ, from s^f, T steps),     E^λ = E + (λ/2)Σ_l‖s_l − s^f_l‖²  (s^f fixed; ``drive_options``)
     β   = ±β, sign drawn from a seeded generator (``nudging: random_sign``, the paper)
     s^β = relax(E^λ + βC, from s*, K steps),  C = ‖s_L − y‖²
     θ   ← θ − (η_l/β) ∇_θ mean[E(s^β) − E(s*)]        (``ep_surrogate``; the formula holds for either sign of β)
@@ -28,7 +29,6 @@ that it ends unconverged.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -40,12 +40,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ep_lightning.callbacks.divergence import check_training_step, default_callbacks
-from ep_lightning.callbacks.initialization import InitializationMonitor
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.initializer import FeedforwardInitializer, layer_contrast_losses
-from ep_lightning.relaxation import relax
-from ep_lightning.systems.base import EnergySystem, EPSystem, Nudging, OptimizerSpec, float_list, sgd, unpack_batch
+from ep_lightning.models.layered import LayeredNet
+from ep_lightning.relaxation import PhaseTrace
+from ep_lightning.systems.base import EnergySystem, Nudging, OptimizerSpec, float_list, sgd, unpack_batch
+from ep_lightning.systems.estimator import EstimatorSystem
 
 #: Checkpoint key of the initializer's constructor arguments (used by ``FeedforwardInitializer.from_checkpoint``).
 INITIALIZER_CONFIG_KEY = "initializer_config"
@@ -53,15 +53,14 @@ INITIALIZER_CONFIG_KEY = "initializer_config"
 
 def check_fully_connected(net: EnergyModel) -> list[int]:
     """The net's layer sizes ``[n_in, n_1, …, n_out]``, or a ValueError if it is not a layered MLP."""
-    layers = getattr(net, "layers", None)
     shapes = net.init_state_shapes()
-    if layers is None or any(len(s) != 1 for s in shapes) or len(layers) != len(shapes) + 1:
+    if not isinstance(net, LayeredNet) or any(len(s) != 1 for s in shapes) or len(net.layers) != len(shapes) + 1:
         raise ValueError(
             f"net={type(net).__name__} is not a fully-connected layered network: the MLP initializer needs "
             f"1-D layer states and a `layers` list (PrototypicalNet or EnergyBasedNet); convolutional models are "
             f"not supported"
         )
-    return [int(n) for n in layers]
+    return [int(n) for n in net.layers]
 
 
 def xavier_init_(model: nn.Module) -> None:
@@ -120,7 +119,7 @@ class _InitializerHooks:
         if self.lam > 0:
             if initializer is None:
                 raise ValueError(f"model.lam={lam} needs an initializer (the anchor is s^f); use lam: 0 for plain EP")
-            if "anchor" not in inspect.signature(self.net.drive).parameters:
+            if not self.net.supports_anchor:
                 raise ValueError(
                     f"model.lam={lam} is not supported by net={type(self.net).__name__}: its dynamics take no anchor "
                     f"(only EnergyBasedNet does); use lam: 0"
@@ -129,26 +128,26 @@ class _InitializerHooks:
         self.val_init_acc, self.test_init_acc = metric(), metric()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The default DivergenceGuard, plus an ``InitializationMonitor`` (every epoch) when there is an initializer
-        and the trainer has none of its own (a configured one, with its settings, is kept)."""
-        callbacks = default_callbacks(self)
+        """An ``InitializationMonitor`` (every epoch) when there is an initializer and the trainer has none of its own
+        (a configured one, with its settings, is kept)."""
+        # Lightning's way for a module to bring a callback; imported here because the callbacks sit above the systems
+        from ep_lightning.callbacks.initialization import InitializationMonitor
+
         configured = self._trainer.callbacks if self._trainer is not None else []  # type: ignore[attr-defined]
         if self.initializer is not None and not any(isinstance(c, InitializationMonitor) for c in configured):
-            callbacks.append(InitializationMonitor())
-        return callbacks
+            return [InitializationMonitor()]
+        return []
 
-    def initial_state(self, x: Tensor) -> State:
-        """s^f = f_φ(x) without graph, or the net's zero state when there is no initializer."""
+    def initial_state(self, x: Tensor, index: Tensor | None = None) -> State:
+        """s^f = f_φ(x) (with graph when grad is enabled: the initializer's loss in training; the phases detach it),
+        or the net's zero state when there is no initializer."""
         if self.initializer is None:
             return self.net.init_state(x)
-        with torch.no_grad():
-            return tuple(s.detach() for s in self.initializer(x))
+        return self.initializer(x, local=self.local_loss)
 
-    def relaxation_drive(self, x: Tensor, start: State) -> Any:
+    def drive_options(self, start: State) -> dict[str, Any]:
         """The drive of E^λ: with λ > 0 the anchor ``start`` (= s^f) enters every step as λ(s − s^f)."""
-        if self.lam > 0:
-            return self.net.drive(x, anchor=start, anchor_strength=self.lam)
-        return self.net.drive(x)
+        return {"anchor": start, "anchor_strength": self.lam} if self.lam > 0 else {}
 
     def initializer_sums(self, labels: Tensor, s_f: State, relaxed: State) -> dict[str, Tensor]:
         """Per-batch sums: ``init_acc`` (s^f's output layer) and ``dist_init/<layer>`` = ‖s^f_l − s_l‖ per sample."""
@@ -181,14 +180,15 @@ class _InitializerHooks:
         copy.load_state_dict({k: v.detach().cpu() for k, v in self.initializer.state_dict().items()})
         return copy.to(dtype=next(self.initializer.parameters()).dtype).eval()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+    def checkpoint_entries(self) -> dict[str, Any]:
+        """The initializer's constructor arguments (read by ``FeedforwardInitializer.from_checkpoint``)."""
+        entries = super().checkpoint_entries()  # type: ignore[misc]
         if self.initializer is not None:
-            layers, leak = list(self.initializer.layers), self.initializer.leak
-            checkpoint[INITIALIZER_CONFIG_KEY] = {"layers": layers, "leak": leak}
+            entries[INITIALIZER_CONFIG_KEY] = (lambda: dict(self.initializer.init_args), None)
+        return entries
 
 
-class InitializedEP(_InitializerHooks, EPSystem):
+class InitializedEP(_InitializerHooks, EstimatorSystem):
     """EP whose free phase starts from a feedforward prediction s^f, on E^λ anchored at s^f, plus the initializer's
     local loss. With ``initializer: null`` and ``lam: 0`` it is plain EP with the same settings (zero start, random-sign
     β, Xavier init): the paper's baseline.
@@ -236,9 +236,9 @@ class InitializedEP(_InitializerHooks, EPSystem):
             lr_scheduler: optional scheduler factory for each optimizer, stepped once per epoch.
         """
         super().__init__(net, T, K, beta, nudging, sign_seed, eval_steps, optimizer, lr_scheduler)
-        self.save_hyperparameters(ignore=["net", "initializer"])
-        self._attach_initializer(initializer, lam)
+        self.save_system_hyperparameters(net=net, initializer=initializer)
         self.local_loss = bool(local_loss)
+        self._attach_initializer(initializer, lam)
         self.lrs = float_list(lrs)
         self.init_lrs = float_list(init_lrs if init_lrs is not None else lrs)
         if self.T < 0:
@@ -256,12 +256,6 @@ class InitializedEP(_InitializerHooks, EPSystem):
     def optimizer_specs(self) -> list[OptimizerSpec]:
         net_spec = OptimizerSpec(self.net.parameter_groups(), self.lrs)
         return [net_spec] + self.initializer_specs(self.init_lrs, "init_lrs")
-
-    def start_state(self, x: Tensor, index: Tensor | None) -> State:
-        """s^f = f_φ(x) with graph (for the initializer's loss; the phases detach it), or zero without initializer."""
-        if self.initializer is None:
-            return self.net.init_state(x)
-        return self.initializer(x, local=self.local_loss)
 
     def extra_loss(self, labels: Tensor, start: State, free: State) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The initializer's contrast loss Σ_l mean ½‖s^f_l − s*_l‖² (its φ-gradient is f_φ's update) and its sums."""
@@ -310,7 +304,8 @@ class InitializerDistillation(_InitializerHooks, EnergySystem):
             lr_scheduler: optional scheduler factory, stepped once per epoch.
         """
         super().__init__(net, T, eval_steps, optimizer, lr_scheduler)
-        self.save_hyperparameters(ignore=["net", "initializer"])
+        self.save_system_hyperparameters(net=net, initializer=initializer)
+        self.local_loss = bool(local_loss)
         layers = check_fully_connected(net)
         if checkpoint is not None:
             load_energy_weights(net, checkpoint)
@@ -329,34 +324,33 @@ class InitializerDistillation(_InitializerHooks, EnergySystem):
         if start not in ("zero", "init"):
             raise ValueError(f"model.start={start!r} is not known; allowed: 'zero', 'init'")
         self.target_start = start
-        self.local_loss = bool(local_loss)
         if self.eval_steps < 0:
             raise ValueError(f"model.eval_steps={self.eval_steps} is invalid: use 0 or more steps (or null for T)")
         self.lrs = float_list(lrs)
         self.check_optimizer_settings()
 
+    #: The learning rule: regress f_φ on the frozen net's fixed points (no EP or BPTT update of the net).
+    algorithm = "distillation"
+
     def optimizer_specs(self) -> list[OptimizerSpec]:
         return self.initializer_specs(self.lrs, "lrs")
 
-    def target_state(self, x: Tensor) -> State:
-        """s*: T steps of the frozen net's free phase from zero (``start: zero``) or from s^f."""
-        if self.target_start == "init":
-            return self.free_phase(x, self.T)
+    def target_state(self, x: Tensor, trace: PhaseTrace | None = None) -> State:
+        """s*: T steps of the frozen net's free phase from zero (``start: zero``) or from s^f, no graph."""
         with torch.no_grad():
-            return relax(self.net, self.net.drive(x), self.net.init_state(x), self.T)
+            start = self.initial_state(x) if self.target_start == "init" else self.net.init_state(x)
+            return self.phases(x, None, start, None, trace=trace).free
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, labels, _ = unpack_batch(batch)
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        target = self.target_state(x)
+        target = self.target_state(x, self.take_trace_request())
         s_f = self.initializer(x, local=self.local_loss)
         loss = torch.stack(layer_contrast_losses(s_f, target)).sum()
         self.manual_backward(loss)
-        if not check_training_step(self, batch_idx, {"free": target}):  # NaN/Inf: raises, or skips the batch
+        if not self.check_training_step(batch_idx, {"free": target}):  # NaN/Inf: raises, or skips the batch
             return loss.detach()
         optimizer.step()
-        n = x.shape[0]
-        sums = {"loss": loss.detach() * n, "acc": (self.net.output(target).argmax(dim=1) == labels).sum()}
-        self.train_means.update(n, **sums, **self.initializer_sums(labels, s_f, target))
+        self.update_epoch_sums(labels, target, loss, **self.initializer_sums(labels, s_f, target))
         return loss.detach()
