@@ -355,7 +355,7 @@ class EPSystem(EnergySystem):
 
     def ep_update(self, x: Tensor, target: Tensor, start: State) -> tuple[Tensor, State, dict[str, State], int]:
         """(loss, s*, phases, free steps run): −∇loss is the EP update for this batch's nudging pair, plus the
-        read-out's cross-entropy gradient at s* for models with a read-out outside the dynamics."""
+        read-out's update (``net.readout_loss``) for models with a read-out outside the dynamics."""
         betas = self.nudging_pair()
         stop = StoppingRule(self.free_tolerance, self.check_every) if self.free_tolerance is not None else None
         if self.compile_relaxation:
@@ -365,7 +365,7 @@ class EPSystem(EnergySystem):
         else:
             free, s_a, s_b = self.phases(x, target, start, betas, stop)
         loss = ep_surrogate(self.net, x, s_a, s_b, betas)
-        readout = self.net.readout_loss(free, target)
+        readout = self.net.readout_loss(free, target, nudged=((betas[0], s_a), (betas[1], s_b)))
         if readout is not None:
             loss = loss + readout
         phases = {"free": free, "nudged": s_b} | ({"nudged_a": s_a} if betas[0] != 0.0 else {})
