@@ -5,7 +5,10 @@
 
 Prints a human-readable summary, then one JSON line with keys including ``train_samples_per_s``,
 ``eval_samples_per_s``, ``epoch_s`` (60k samples extrapolated), ``peak_mem_mb``, ``activation_mb`` (autograd-saved
-tensors of one training step: the BPTT trajectory) and the machine (CPU, threads, torch, GPU).
+tensors of one training step: the BPTT trajectory) and the machine (CPU, threads, torch, GPU). For conv nets
+(``ConvPrototypicalNet``) also ``train_gflops`` / ``eval_gflops``: the relaxation's convolutions per second, counted
+as ``relaxation_gflop_per_sample`` (``conv_relaxation_flops``: the drive's convolution once, then every step's forward
+and feedback convolutions; 2 FLOPs per multiply-add; the EP update, BPTT's backward and the fc layers not counted).
 Timing excludes ``--warmup`` batches (compilation, allocator warm-up); ``--seconds`` ends the timed training early
 (after at least one timed batch). Never used for assertions.
 """
@@ -93,6 +96,25 @@ def activation_megabytes(module: L.LightningModule, batch) -> float | None:
         else:
             module.bptt_update(x, target, start)
     return saved / 2**20
+
+
+def conv_layer_macs(net: torch.nn.Module, i: int) -> int:
+    """Multiply-adds per sample of conv layer ``i`` (0-based) of a ``ConvPrototypicalNet``: C_out·C_in·k²·side², the
+    same for its transpose (the feedback)."""
+    conv, g = net.convs[i], net.geometry[i]
+    return conv.out_channels * conv.in_channels * g.kernel**2 * g.conv**2
+
+
+def conv_relaxation_flops(net: torch.nn.Module, free_steps: int, nudged_steps: int) -> float | None:
+    """FLOPs per sample of one relaxation of a ``ConvPrototypicalNet`` (None for other nets): the drive conv_1(x)
+    once, then per step the forward convolutions conv_2 … conv_L and their transposes, for ``free_steps`` +
+    ``nudged_steps`` steps (a symmetric pair counts its two nudged phases)."""
+    from ep_lightning.models import ConvPrototypicalNet
+
+    if not isinstance(net, ConvPrototypicalNet):
+        return None
+    step = sum(2 * conv_layer_macs(net, i) for i in range(1, len(net.convs)))
+    return 2.0 * (conv_layer_macs(net, 0) + (free_steps + nudged_steps) * step)
 
 
 def inner_network(module: L.LightningModule) -> torch.nn.Module:
@@ -212,6 +234,12 @@ def measure(args: argparse.Namespace) -> dict:
     sample_batch = trainer.strategy.batch_to_device(next(iter(datamodule.train_dataloader())))
     act_mb = activation_megabytes(module, sample_batch)
     free_steps, nudged_steps = module.T, module.K
+    if getattr(module, "algorithm", "ep") == "bptt":
+        train_flops = conv_relaxation_flops(inner_network(module), free_steps, 0)
+    else:
+        phases = 2 if getattr(module, "nudging", "one_sided") == "symmetric" else 1
+        train_flops = conv_relaxation_flops(inner_network(module), free_steps, phases * nudged_steps)
+    eval_flops = conv_relaxation_flops(inner_network(module), module.eval_steps, 0)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -232,6 +260,9 @@ def measure(args: argparse.Namespace) -> dict:
         "peak_mem_mb": round(peak, 1),
         "peak_mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "process max RSS",
         "activation_mb": round(act_mb, 3) if act_mb is not None else None,
+        "relaxation_gflop_per_sample": round(train_flops / 1e9, 4) if train_flops is not None else None,
+        "train_gflops": round(train_flops * train_rate / 1e9, 2) if train_flops is not None else None,
+        "eval_gflops": round(eval_flops * eval_rate / 1e9, 2) if eval_flops is not None else None,
         "device": args.device,
         "malloc_tuning": malloc_tuned,
         **machine(),
@@ -247,6 +278,12 @@ def main() -> None:
         f"{args.config}: train {train_rate:,.0f} samples/s ({result['epoch_s']:.1f} s/epoch, "
         f"{result['train_ms_per_batch']:.3f} ms/batch), eval {result['eval_samples_per_s']:,.0f} samples/s, "
         f"activations {'n/a' if act_mb is None else f'{act_mb:.2f} MB'}, peak {result['peak_mem_mb']:.0f} MB"
+        + (
+            f"; convolutions {result['train_gflops']} GFLOP/s training, {result['eval_gflops']} GFLOP/s evaluation "
+            f"({result['relaxation_gflop_per_sample']} GFLOP per training sample)"
+            if result["train_gflops"] is not None
+            else ""
+        )
     )
     print(json.dumps(result))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,13 @@ def conv_geometry(
     return layers
 
 
+class Argmax(NamedTuple):
+    """Where a max pooling found its maxima: its input and the flat index h·W + w of each window's argmax."""
+
+    pooled_input: Tensor
+    indices: Tensor
+
+
 #: ``relaxation_conv_dtype`` values and the dtype the relaxation's convolutions run in (None: the state's own).
 CONV_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -145,6 +152,15 @@ def convolve(
         bias = conv.bias.to(dtype) if conv.bias is not None else None
         out = F.conv2d(below.to(dtype), weight, bias, stride=conv.stride, padding=conv.padding)
     return out.to(below.dtype)
+
+
+def relaxation_layout(t: Tensor) -> Tensor:
+    """``t`` in the memory layout the relaxation runs in: channels-last for 4-d tensors on CPU (oneDNN's convolutions
+    and torch's max-pool with indices run natively in it: docs/performance.md), unchanged otherwise. Layouts change
+    strides, not values."""
+    if t.dim() == 4 and t.device.type == "cpu":
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
 
 
 class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
@@ -293,9 +309,12 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         return shapes if self.readout == "ce" else shapes + [(self.num_classes,)]
 
     def init_state(self, x: Tensor) -> State:
+        """Zeros; on CPU the conv layers in channels-last memory layout (``relaxation_layout``)."""
         w = self.fc.weight
         shapes = self.init_state_shapes()
-        return tuple(torch.zeros(x.shape[0], *shape, dtype=w.dtype, device=w.device) for shape in shapes)
+        return tuple(
+            relaxation_layout(torch.zeros(x.shape[0], *shape, dtype=w.dtype, device=w.device)) for shape in shapes
+        )
 
     def _image(self, x: Tensor) -> Tensor:
         """x as (B, input_channels, input_size, input_size); flat (B, C·H·W) inputs are reshaped."""
@@ -311,30 +330,31 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         return x
 
     # --- dynamics --------------------------------------------------------------------------------------------
-    def _pool(self, i: int, below: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
-        """P_i(conv_i(below)) and, for a max pool, its argmax indices (i is 0-based; the convolution in ``dtype``).
+    def _pool(self, i: int, below: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Argmax | None]:
+        """P_i(conv_i(below)) and, for a max pool, where its maxima are (``Argmax``; i is 0-based; the convolution in
+        ``dtype``).
 
-        On CPU the max pooling runs on a channels-last copy, where torch's max-pool with indices is much faster for
-        these shapes (docs/performance.md); values and indices are the same (a max is exact, the index is h·W + w in
-        either layout), and both come back contiguous."""
-        out = convolve(self.convs[i], below, dtype)
+        The pooling runs in the layout of ``relaxation_layout`` (channels-last on CPU, where torch's max-pool with
+        indices is much faster for these shapes: docs/performance.md); values and indices do not depend on the layout
+        (a max is exact, the index is h·W + w in either)."""
+        out = relaxation_layout(convolve(self.convs[i], below, dtype))
         kind, k = self.geometry[i].pool, self.pool_size
         if kind == "i":
             return out, None
         if kind == "a":
             return F.avg_pool2d(out, k, stride=k), None
-        if out.device.type == "cpu":
-            out = out.contiguous(memory_format=torch.channels_last)
-            pooled, indices = F.max_pool2d(out, k, stride=k, return_indices=True)
-            return pooled.contiguous(), indices.contiguous()
-        return F.max_pool2d(out, k, stride=k, return_indices=True)
+        pooled, indices = F.max_pool2d(out, k, stride=k, return_indices=True)
+        return pooled, Argmax(out, indices)
 
-    def _feedback(self, i: int, above: Tensor, indices: Tensor | None, dtype: torch.dtype | None = None) -> Tensor:
-        """convᵀ_i(P_iᵀ(above)) = ∂/∂s_{i−1} of above · P_i(conv_i(s_{i−1})) (i is 0-based): P_iᵀ unpools at the
-        argmax ``indices`` (max), spreads each value as 1/k² over its k × k window (average), or is the identity."""
+    def _feedback(self, i: int, above: Tensor, argmax: Argmax | None, dtype: torch.dtype | None = None) -> Tensor:
+        """convᵀ_i(P_iᵀ(above)) = ∂/∂s_{i−1} of above · P_i(conv_i(s_{i−1})) (i is 0-based): P_iᵀ puts each value at
+        the argmax of its window (max; torch's max-pool backward: the same scatter as ``max_unpool2d``, faster),
+        spreads it as 1/k² over its k × k window (average), or is the identity."""
         g, k = self.geometry[i], self.pool_size
         if g.pool == "m":
-            above = F.max_unpool2d(above, indices, k, stride=k, output_size=(g.conv, g.conv))
+            above = torch.ops.aten.max_pool2d_with_indices_backward(
+                above, argmax.pooled_input, [k, k], [k, k], [0, 0], [1, 1], False, argmax.indices
+            )
         elif g.pool == "a":
             above = F.interpolate(above, scale_factor=k, mode="nearest").mul_(1.0 / (k * k))
         return convolve(self.convs[i], above, dtype, transpose=True, output_padding=g.output_padding)
@@ -349,8 +369,8 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         return activate(pre) if activate is not None else pre
 
     def drive(self, x: Tensor) -> Tensor:
-        """P_1(conv_1(x)), the constant input term of the first layer."""
-        return self._pool(0, self._image(x))[0]
+        """P_1(conv_1(x)), the constant input term of the first layer (in ``relaxation_layout``)."""
+        return self._pool(0, relaxation_layout(self._image(x)))[0]
 
     def readout_layer(self) -> nn.Linear:
         """The softmax read-out W_out, b_out (``readout='ce'``)."""
@@ -366,16 +386,16 @@ class ConvPrototypicalNet(SoftmaxReadoutMixin, EnergyModel):
         ce = self.readout == "ce"
         n_conv, n_fc, last = len(self.convs), len(self.fc_hidden), len(state) - 1
         nudge = self.nudge(state, target) if nudged else None
-        pooled, indices = [drive], [None]
+        pooled, argmaxes = [drive], [None]
         for i in range(1, n_conv):
-            p, ind = self._pool(i, state[i - 1], self._step_dtype)
+            p, argmax = self._pool(i, state[i - 1], self._step_dtype)
             pooled.append(p)
-            indices.append(ind)
+            argmaxes.append(argmax)
         above_fc = self.fc_hidden[0] if n_fc else None if ce else self.fc  # the fc layer fed by s_L
         new_state = []
         for i in range(n_conv):
             if i + 1 < n_conv:
-                pre = pooled[i] + self._feedback(i + 1, state[i + 1], indices[i + 1], self._step_dtype)
+                pre = pooled[i] + self._feedback(i + 1, state[i + 1], argmaxes[i + 1], self._step_dtype)
             elif above_fc is not None:
                 pre = pooled[i] + (state[i + 1] @ above_fc.weight).view_as(state[i])
             else:
