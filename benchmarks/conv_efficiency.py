@@ -15,7 +15,8 @@ It prints, per conv layer and in total:
   every step (2 FLOPs per multiply-add; the fully connected layers, pooling and σ are not counted, their time is);
 - the ratio of the two: the share of the plain convolutions' speed the relaxation keeps.
 
-Times are the minimum over ``--repeats`` rounds of wall-clock time, and the process CPU time of the same rounds (on a
+The allocator is tuned as ``train.py`` tunes it (``--malloc_tuning``, default on). Times are the minimum over
+``--repeats`` rounds of wall-clock time, and the process CPU time of the same rounds (on a
 machine shared with other jobs the CPU time is the steadier figure). One JSON line at the end. Nothing is asserted.
 """
 
@@ -42,6 +43,7 @@ from throughput import conv_layer_macs, machine
 from ep_lightning.models import ConvPrototypicalNet
 from ep_lightning.models.conv import relaxation_layout
 from ep_lightning.relaxation import relax
+from ep_lightning.runtime import tune_allocator
 
 
 def build_net(config: Path, overrides: list[str]) -> tuple[ConvPrototypicalNet, int]:
@@ -161,15 +163,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", nargs="*", default=[], help="overrides of the net's init_args, key=value (YAML)")
+    parser.add_argument(
+        "--no_malloc_tuning", action="store_true", help="leave glibc's allocator thresholds as they are"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    malloc_tuned = not args.no_malloc_tuning and tune_allocator()  # as train.py does by default
     net, batch = build_net(args.config, args.set)
     result = {
         "config": str(args.config),
         "overrides": args.set,
         **measure(net, args.batch or batch, args.steps, args.repeats),
     }
-    result |= machine()
+    result |= {"malloc_tuning": malloc_tuned, **machine()}
     for layer in result["layers"]:
         print(
             f"conv{layer['layer']} {layer['shape']}: {layer['mflop_per_call']} MFLOP per call; conv2d "
