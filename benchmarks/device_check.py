@@ -11,7 +11,9 @@ part is recorded in the JSON and the check goes on):
    skipped without CUDA).
 3. ``throughput``: training and evaluation samples/s of P-1h, EB-1h, P-conv (EP) and Initialized EP, eager against
    compiled relaxation (``compile_relaxation``), device-resident data on and off (``benchmarks/throughput.py``'s
-   ``measure``).
+   ``measure``); then Laborieux et al.'s CIFAR-10 VGG (``configs/cifar10/vgg_ep.yaml``, T 250, K 25, symmetric) on
+   synthetic CIFAR-shaped data (``throughput.py --synthetic``, epochs of 50k images), float32 and with bfloat16
+   relaxation convolutions, eager before compiled, with the convolutions' GFLOP/s.
 4. ``parity``: one training step with the compiled (CUDA: graph-captured) relaxation against the eager step on the
    same batch and the same weights, both against the float64 step on the CPU.
 5. ``train``: P-conv EP on all 60k training images for as many epochs as the remaining budget allows, test error
@@ -48,11 +50,17 @@ SYSTEMS: dict[str, tuple[str, bool]] = {
     "EB-1h": ("configs/mnist/eb1h_ep.yaml", True),
     "P-conv": ("configs/mnist/pconv_ep.yaml", True),
     "IEP-1h": ("configs/mnist/iep_1h.yaml", False),
+    "CIFAR-10 VGG": ("configs/cifar10/vgg_ep.yaml", True),
+    "CIFAR-10 VGG bf16": ("configs/cifar10/vgg_ep.yaml", True),
 }
+#: Systems timed on ``throughput.SyntheticImages`` (their dataset is not on the machine) and their epoch's images.
+SYNTHETIC_EPOCH = {"CIFAR-10 VGG": 50_000, "CIFAR-10 VGG bf16": 50_000}
+#: Overrides that make a system what its name says.
+SYSTEM_OVERRIDES = {"CIFAR-10 VGG bf16": ["model.init_args.net.init_args.relaxation_conv_dtype=bfloat16"]}
 #: Throughput settings (compile, resident) in the order they are measured (the budget drops the last ones first).
 SETTINGS: list[tuple[bool, bool]] = [(False, True), (True, True), (False, False), (True, False)]
 #: Steps per phase in ``--quick`` (tiny data, same code paths).
-QUICK_STEPS = {"P-1h": (4, 2), "EB-1h": (4, 2), "P-conv": (3, 2), "IEP-1h": (2, 2)}
+QUICK_STEPS = {"P-1h": (4, 2), "EB-1h": (4, 2), "P-conv": (3, 2), "IEP-1h": (2, 2), "CIFAR-10 VGG": (2, 1)}
 QUICK_DATA = ["data.init_args.train_subset=60", "data.init_args.test_subset=40", "data.init_args.eval_batch_size=20"]
 #: Parity of one step: P-conv runs fewer free steps than its config so that compiling the unrolled graph stays short
 #: (the comparison is of the same step either way).
@@ -165,10 +173,22 @@ def machine_info() -> dict:
 
 # --------------------------------------------------------------------------------------------- part: throughput
 def throughput_order() -> list[tuple[str, bool, bool]]:
-    """(system, compile, resident) in measuring order: every system's setting before the next setting, and P-conv's
-    compiled settings last (compiling its 210 unrolled steps is the one setting that may take minutes)."""
-    order = [(name, compiled, resident) for compiled, resident in SETTINGS for name in SYSTEMS]
-    return sorted(order, key=lambda item: item[0] == "P-conv" and item[1])
+    """(system, compile, resident) in measuring order: every system's setting before the next setting; then the
+    CIFAR-10 rows (device-resident synthetic data only: there is no host dataset to compare with), eager; then the
+    compiled P-conv and CIFAR-10 settings (compiling their 210 / 300 unrolled steps may take minutes)."""
+    order = [
+        (name, compiled, resident)
+        for compiled, resident in SETTINGS
+        for name in SYSTEMS
+        if resident or name not in SYNTHETIC_EPOCH
+    ]
+
+    def rank(item: tuple[str, bool, bool]) -> int:
+        name, compiled, _ = item
+        synthetic = name in SYNTHETIC_EPOCH
+        return 2 * compiled * (name == "P-conv" or synthetic) + synthetic + compiled * synthetic
+
+    return sorted(order, key=rank)
 
 
 def part_throughput(args: argparse.Namespace, records: Path) -> None:
@@ -183,7 +203,7 @@ def part_throughput(args: argparse.Namespace, records: Path) -> None:
         record: dict[str, Any] = {"system": name, "config": config, "compile": compiled, "resident": resident}
         if compiled and not compilable:
             continue
-        if args.quick and (compiled and name != "P-1h" or not resident and name != "P-1h"):
+        if args.quick and (compiled and name != "P-1h" or not resident and name != "P-1h" or name not in QUICK_STEPS):
             continue  # --quick: every code path once (compile and host data on P-1h), the rest eager on-device
         left = deadline - time.monotonic()
         if compiled and no_compiler:
@@ -195,12 +215,15 @@ def part_throughput(args: argparse.Namespace, records: Path) -> None:
         overrides = [
             f"data.init_args.device_resident={str(resident).lower()}",
             f"model.init_args.compile_relaxation={str(compiled).lower()}" if compilable else "",
+            *SYSTEM_OVERRIDES.get(name, []),
         ]
+        synthetic = name in SYNTHETIC_EPOCH
         if args.quick:
             overrides += step_overrides(config, *QUICK_STEPS[name]) + QUICK_DATA
+            overrides += ["data.init_args.batch_size=8"] if synthetic else []
             batches, warmup, eval_batches = 1, 1, 1
         else:
-            batches, warmup, eval_batches = 100_000, 20 if compiled else 5, 5
+            batches, warmup, eval_batches = 100_000, 20 if compiled else (2 if synthetic else 5), 5
         # Timed seconds per setting, at most a third of what is left; compilation happens in the warm-up batches.
         seconds = max(3.0, min(args.per_setting, left / 3))
         argv = [
@@ -216,6 +239,7 @@ def part_throughput(args: argparse.Namespace, records: Path) -> None:
             str(eval_batches),
             "--seconds",
             str(seconds),
+            *(["--synthetic", "--epoch_samples", str(SYNTHETIC_EPOCH[name])] if synthetic else []),
             "--set",
             *[o for o in overrides if o],
         ]
@@ -240,6 +264,10 @@ def part_throughput(args: argparse.Namespace, records: Path) -> None:
                             "T",
                             "K",
                             "batch_size",
+                            "epoch_samples",
+                            "synthetic_data",
+                            "train_gflops",
+                            "eval_gflops",
                         )
                     },
                 },
@@ -585,20 +613,23 @@ def markdown(report: dict) -> str:
     lines += [
         "## Throughput (samples/s)",
         "",
-        "| system | relaxation | data | train | ms/batch | eval | epoch (60k) | status |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | relaxation | data | train | ms/batch | eval | epoch | conv GFLOP/s (train) | status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["throughput"].get("records", []):
         rel = "compiled" if r["compile"] else "eager"
         data = "device-resident" if r["resident"] else "host → device"
         if r["status"] == "ok":
+            data = "synthetic, device-resident" if r.get("synthetic_data") else data
+            gflops = f"{r['train_gflops']:,.0f}" if r.get("train_gflops") is not None else "—"
             lines.append(
-                f"| {r['system']} (T {r['T']}, K {r['K']}) | {rel} | {data} | {r['train_samples_per_s']:,.0f} | "
-                f"{r['train_ms_per_batch']:.2f} | {r['eval_samples_per_s']:,.0f} | {r['epoch_s']:.0f} s | ok |"
+                f"| {r['system']} (T {r['T']}, K {r['K']}) | {rel} | {data} | {r['train_samples_per_s']:,.1f} | "
+                f"{r['train_ms_per_batch']:.2f} | {r['eval_samples_per_s']:,.1f} | {r['epoch_s']:.0f} s "
+                f"({r.get('epoch_samples', 60000) // 1000}k) | {gflops} | ok |"
             )
         else:
             lines.append(
-                f"| {r['system']} | {rel} | {data} | — | — | — | — | {r['status']}: "
+                f"| {r['system']} | {rel} | {data} | — | — | — | — | — | {r['status']}: "
                 f"{r.get('reason') or r.get('error', '')[:120]} |"
             )
     lines += [

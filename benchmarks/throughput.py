@@ -1,11 +1,19 @@
 """Training and evaluation throughput of a config, through the real LightningModule (not a copy).
 
     python benchmarks/throughput.py --config configs/mnist/p1h_ep.yaml [--batches 200] [--seconds S]
-        [--device cpu|cuda] [--threads 1] [--set model.init_args.T=40 ...]
+        [--device cpu|cuda] [--threads 1] [--synthetic] [--set model.init_args.T=40 ...]
+
+``--synthetic`` replaces the config's data module by ``SyntheticImages`` (seeded uniform images shaped like the
+network's input, random labels; the config's batch size): the throughput of a config whose dataset is not on this
+machine (CIFAR). ``epoch_s`` then extrapolates ``--epoch_samples`` (default 60,000) samples.
 
 Prints a human-readable summary, then one JSON line with keys including ``train_samples_per_s``,
-``eval_samples_per_s``, ``epoch_s`` (60k samples extrapolated), ``peak_mem_mb``, ``activation_mb`` (autograd-saved
-tensors of one training step: the BPTT trajectory) and the machine (CPU, threads, torch, GPU).
+``eval_samples_per_s``, ``epoch_s`` (``--epoch_samples`` extrapolated), ``peak_mem_mb``, ``activation_mb``
+(autograd-saved tensors of one training step: the BPTT trajectory) and the machine (CPU, threads, torch, GPU).
+For conv nets (``ConvPrototypicalNet``) also ``train_gflops`` / ``eval_gflops``: the relaxation's convolutions per
+second, counted as ``relaxation_gflop_per_sample`` (``conv_relaxation_flops``: the drive's convolution once, then
+every step's forward and feedback convolutions; 2 FLOPs per multiply-add; the EP update, BPTT's backward and the fc
+layers not counted).
 Timing excludes ``--warmup`` batches (compilation, allocator warm-up); ``--seconds`` ends the timed training early
 (after at least one timed batch). Never used for assertions.
 """
@@ -25,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ep_lightning.cli import cli_main
+from ep_lightning.data import MNISTDataModule
 from ep_lightning.runtime import configure_threads, tune_allocator
 
 #: Trainer settings of a measurement: nothing but the training and evaluation loops (no logger, checkpoints,
@@ -36,6 +45,86 @@ QUIET_TRAINER = [
     "--trainer.enable_model_summary", "false",
     "--trainer.callbacks", "[]",
 ]  # fmt: skip
+
+
+class SyntheticImages(MNISTDataModule):
+    """Seeded uniform images of ``input_shape`` in [0, 1) and uniform random labels, for timing only: ``train_subset``
+    (default 4,096) training and ``test_subset`` (default 1,024) test images. A subclass of the CLI's data base class
+    so that ``--data`` accepts it; it reads no file (``data_dir`` is unused)."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...] = (1, 28, 28),
+        num_classes: int = 10,
+        batch_size: int = 20,
+        eval_batch_size: int = 1000,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+        device_resident: bool = False,
+        seed: int = 0,
+        data_dir: str = "data",
+        val_size: int = 0,
+        split_seed: int = 0,
+        verify_checksums: bool = False,
+        num_workers: int = 0,
+        download: bool = False,
+        return_index: bool = False,
+        val_split: str = "random",
+        shuffle: bool = True,
+    ) -> None:
+        # The data base class reads its options from the concrete class's signature: the shared ones are declared
+        # here too (unused: nothing is read, split or downloaded).
+        super().__init__(data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size)
+        self.save_hyperparameters()
+        self.input_shape = tuple(int(n) for n in input_shape)
+        self.num_classes = int(num_classes)
+
+    def prepare_data(self) -> None:
+        """Nothing to fetch."""
+
+    def setup(self, stage: str | None = None) -> None:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        sizes = {"train": self.hparams.train_subset or 4096, "test": self.hparams.test_subset or 1024}
+        device = self.trainer.strategy.root_device if self.hparams.device_resident and self.trainer else "cpu"
+        self.sets = {
+            split: torch.utils.data.TensorDataset(
+                torch.rand(n, *self.input_shape, generator=generator).to(device),
+                torch.randint(0, self.num_classes, (n,), generator=generator).to(device),
+            )
+            for split, n in sizes.items()
+        }
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.sets["train"], batch_size=self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> list:
+        return []
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.sets["test"], batch_size=self.hparams.eval_batch_size)
+
+
+def synthetic_config(config: str, out_dir: Path) -> str:
+    """A copy of ``config`` whose data module is ``SyntheticImages`` with the network's input shape and classes and
+    the config's batch size (written to ``out_dir``)."""
+    import yaml
+
+    raw = yaml.safe_load(Path(config).read_text())
+    net = raw["model"]["init_args"]["net"]["init_args"]
+    if "layers" in net:
+        shape, classes = [int(net["layers"][0])], int(net["layers"][-1])
+    else:
+        shape = [int(net.get("input_channels", 1)), int(net.get("input_size", 28)), int(net.get("input_size", 28))]
+        classes = int(net.get("num_classes", 10))
+    batch = int(((raw.get("data") or {}).get("init_args") or {}).get("batch_size", 20))
+    raw["data"] = {
+        "class_path": "throughput.SyntheticImages",
+        "init_args": {"input_shape": shape, "num_classes": classes, "batch_size": batch},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"synthetic_{Path(config).stem}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
 
 
 class BatchTimer(L.Callback):
@@ -95,6 +184,25 @@ def activation_megabytes(module: L.LightningModule, batch) -> float | None:
     return saved / 2**20
 
 
+def conv_layer_macs(net: torch.nn.Module, i: int) -> int:
+    """Multiply-adds per sample of conv layer ``i`` (0-based) of a ``ConvPrototypicalNet``: C_out·C_in·k²·side², the
+    same for its transpose (the feedback)."""
+    conv, g = net.convs[i], net.geometry[i]
+    return conv.out_channels * conv.in_channels * g.kernel**2 * g.conv**2
+
+
+def conv_relaxation_flops(net: torch.nn.Module, free_steps: int, nudged_steps: int) -> float | None:
+    """FLOPs per sample of one relaxation of a ``ConvPrototypicalNet`` (None for other nets): the drive conv_1(x)
+    once, then per step the forward convolutions conv_2 … conv_L and their transposes, for ``free_steps`` +
+    ``nudged_steps`` steps (a symmetric pair counts its two nudged phases)."""
+    from ep_lightning.models import ConvPrototypicalNet
+
+    if not isinstance(net, ConvPrototypicalNet):
+        return None
+    step = sum(2 * conv_layer_macs(net, i) for i in range(1, len(net.convs)))
+    return 2.0 * (conv_layer_macs(net, 0) + (free_steps + nudged_steps) * step)
+
+
 def inner_network(module: L.LightningModule) -> torch.nn.Module:
     """The system's energy model: attribute ``net`` (``model`` in systems that predate that name)."""
     return module.net if hasattr(module, "net") else module.model
@@ -140,6 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no_malloc_tuning", action="store_true", help="leave glibc's allocator thresholds as they are"
     )
+    parser.add_argument("--synthetic", action="store_true", help="time on SyntheticImages instead of the config's data")
+    parser.add_argument("--epoch_samples", type=int, default=60000, help="samples per epoch for epoch_s")
     parser.add_argument("--set", nargs="*", default=[], help="extra CLI overrides key=value, e.g. model.init_args.T=40")
     return parser.parse_args(argv)
 
@@ -154,10 +264,13 @@ def measure(args: argparse.Namespace) -> dict:
         key, value = item.split("=", 1)
         overrides += [f"--{key}", value]
     train_batches = args.warmup + args.batches
+    config = synthetic_config(args.config, Path("/tmp/ep_benchmark")) if args.synthetic else args.config
+    if args.synthetic:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # `throughput.SyntheticImages` importable
     cli = cli_main(
         [
             "--config",
-            args.config,
+            config,
             *QUIET_TRAINER,
             "--trainer.accelerator",
             args.device,
@@ -212,6 +325,12 @@ def measure(args: argparse.Namespace) -> dict:
     sample_batch = trainer.strategy.batch_to_device(next(iter(datamodule.train_dataloader())))
     act_mb = activation_megabytes(module, sample_batch)
     free_steps, nudged_steps = module.T, module.K
+    if getattr(module, "algorithm", "ep") == "bptt":
+        train_flops = conv_relaxation_flops(inner_network(module), free_steps, 0)
+    else:
+        phases = 2 if getattr(module, "nudging", "one_sided") == "symmetric" else 1
+        train_flops = conv_relaxation_flops(inner_network(module), free_steps, phases * nudged_steps)
+    eval_flops = conv_relaxation_flops(inner_network(module), module.eval_steps, 0)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -227,11 +346,16 @@ def measure(args: argparse.Namespace) -> dict:
         "timed_batches": timer.timed_batches,
         "train_samples_per_s": round(train_rate, 1),
         "train_ms_per_batch": round(1e3 * train_s / max(timer.timed_batches, 1), 3),
-        "epoch_s": round(60000 / train_rate, 1),
+        "epoch_s": round(args.epoch_samples / train_rate, 1),
+        "epoch_samples": args.epoch_samples,
+        "synthetic_data": args.synthetic,
         "eval_samples_per_s": round(eval_rate, 1),
         "peak_mem_mb": round(peak, 1),
         "peak_mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "process max RSS",
         "activation_mb": round(act_mb, 3) if act_mb is not None else None,
+        "relaxation_gflop_per_sample": round(train_flops / 1e9, 4) if train_flops is not None else None,
+        "train_gflops": round(train_flops * train_rate / 1e9, 2) if train_flops is not None else None,
+        "eval_gflops": round(eval_flops * eval_rate / 1e9, 2) if eval_flops is not None else None,
         "device": args.device,
         "malloc_tuning": malloc_tuned,
         **machine(),
@@ -247,6 +371,12 @@ def main() -> None:
         f"{args.config}: train {train_rate:,.0f} samples/s ({result['epoch_s']:.1f} s/epoch, "
         f"{result['train_ms_per_batch']:.3f} ms/batch), eval {result['eval_samples_per_s']:,.0f} samples/s, "
         f"activations {'n/a' if act_mb is None else f'{act_mb:.2f} MB'}, peak {result['peak_mem_mb']:.0f} MB"
+        + (
+            f"; convolutions {result['train_gflops']} GFLOP/s training, {result['eval_gflops']} GFLOP/s evaluation "
+            f"({result['relaxation_gflop_per_sample']} GFLOP per training sample)"
+            if result["train_gflops"] is not None
+            else ""
+        )
     )
     print(json.dumps(result))
 

@@ -68,6 +68,65 @@ def test_throughput_prints_the_documented_json_keys(config: str, steps: tuple[in
         assert line["activation_mb"] > 0  # EquilibriumModule: the autograd-saved tensors of one step were measured
 
 
+def test_throughput_on_synthetic_data_prints_conv_gflops() -> None:
+    """``--synthetic`` times a config whose dataset is absent (here the Fashion-MNIST conv net) on seeded images of the
+    network's input shape, and conv nets get their convolutions' GFLOP/s: the count per training sample is the drive
+    plus (T + 2K) steps of forward and feedback convolutions (symmetric nudging: two nudged phases)."""
+    path = "configs/fmnist/conv_ep.yaml"
+    result = run_script(
+        [
+            "benchmarks/throughput.py",
+            "--config",
+            path,
+            "--synthetic",
+            "--epoch_samples",
+            "1000",
+            "--batches",
+            "2",
+            "--warmup",
+            "1",
+            "--eval_batches",
+            "1",
+            "--set",
+            "data.init_args.batch_size=8",
+            "data.init_args.train_subset=32",
+            "data.init_args.test_subset=16",
+            "data.init_args.eval_batch_size=8",
+            *step_overrides(path, 3, 2),
+        ],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["synthetic_data"] and line["epoch_samples"] == 1000
+    # conv2 16→32 on 12×12 and conv3 32→32 on 6×6, 3×3 kernels; conv1 1→16 5×5 on 24×24 once (the drive)
+    step = 2 * (32 * 16 * 9 * 12**2 + 32 * 32 * 9 * 6**2)
+    assert line["relaxation_gflop_per_sample"] == round(2 * (16 * 25 * 24**2 + (3 + 2 * 2) * step) / 1e9, 4)
+    assert line["train_gflops"] > 0 and line["eval_gflops"] > 0
+
+
+def test_conv_efficiency_prints_both_rates() -> None:
+    result = run_script(
+        [
+            "benchmarks/conv_efficiency.py",
+            "--config",
+            "configs/fmnist/conv_ep.yaml",
+            "--batch",
+            "4",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+        ],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [layer["layer"] for layer in line["layers"]] == [2, 3]
+    assert line["plain_conv_gflops"] > 0 and line["relaxation_gflops"] > 0
+    assert 0 < line["relaxation_share_of_plain"] and line["cpu"]
+
+
 def test_device_check_quick_runs_every_part_and_writes_json_and_markdown(tmp_path: Path) -> None:
     """``--quick`` on the CPU: every part runs (CUDA tests skipped without CUDA, compilation where a C++ compiler
     exists) and lands in one JSON and one Markdown file; no part fails."""
@@ -83,7 +142,15 @@ def test_device_check_quick_runs_every_part_and_writes_json_and_markdown(tmp_pat
     for part in ("throughput", "parity", "train"):
         assert report[part]["status"] == "ok", (part, report[part])
     rows = report["throughput"]["records"]
-    assert {r["system"] for r in rows if r["status"] == "ok"} == {"P-1h", "EB-1h", "P-conv", "IEP-1h"}, rows
+    assert {r["system"] for r in rows if r["status"] == "ok"} == {
+        "P-1h",
+        "EB-1h",
+        "P-conv",
+        "IEP-1h",
+        "CIFAR-10 VGG",
+    }, rows
+    (cifar,) = [r for r in rows if r["system"] == "CIFAR-10 VGG"]
+    assert cifar["synthetic_data"] and cifar["epoch_samples"] == 50_000 and cifar["train_gflops"] > 0
     assert {(r["compile"], r["resident"]) for r in rows if r["system"] == "P-1h"} == {
         (False, True),
         (True, True),

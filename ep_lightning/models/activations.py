@@ -5,7 +5,15 @@ Names are the ones accepted in configs (`activation: sigmoid`):
 - ``sigmoid``: the paper's shifted, steepened logistic σ(x) = 1 / (1 + exp(−4(x − ½))), range (0, 1);
 - ``hard_sigmoid``: σ(x) = clamp(x, 0, 1);
 - ``tanh``: σ(x) = tanh(x);
-- ``identity``: σ(x) = x (linear networks, used for exact checks of the theory).
+- ``identity``: σ(x) = x (linear networks, used for exact checks of the theory);
+- ``half_slope_hard_sigmoid``: σ(x) = clamp(x/2, 0, 1), slope ½ on [0, 2];
+- ``centered_hard_sigmoid``: σ(x) = clamp(x, −½, ½);
+- ``logistic``: σ(x) = 1 / (1 + exp(−x)) (the plain logistic function, ``torch.sigmoid``).
+
+Laborieux et al.'s code (``model_utils.py`` / ``main.py --act``) names them differently; their name → ours:
+``my_hard_sig`` (1 + hardtanh(x − 1))/2 → ``half_slope_hard_sigmoid``; ``hard_sigmoid`` (1 + hardtanh(2x − 1))/2
+→ ``hard_sigmoid`` (the same function); ``ctrd_hard_sig`` hardtanh(2x)/2 → ``centered_hard_sigmoid``; ``mysig``
+(``my_sigmoid``) → ``sigmoid``; ``sigmoid`` (``torch.sigmoid``) → ``logistic``; ``tanh`` → ``tanh``.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-ActivationName = Literal["sigmoid", "hard_sigmoid", "tanh", "identity"]
+ActivationName = Literal[
+    "sigmoid", "hard_sigmoid", "tanh", "identity", "half_slope_hard_sigmoid", "centered_hard_sigmoid", "logistic"
+]
 
 
 def sigmoid(x: Tensor) -> Tensor:
@@ -40,6 +50,32 @@ def hard_sigmoid_derivative(x: Tensor) -> Tensor:
     return ((x >= 0) & (x <= 1)).to(x.dtype)
 
 
+def half_slope_hard_sigmoid(x: Tensor) -> Tensor:
+    """σ(x) = clamp(x/2, 0, 1) = (1 + hardtanh(x − 1))/2."""
+    return (0.5 * x).clamp(0.0, 1.0)
+
+
+def half_slope_hard_sigmoid_derivative(x: Tensor) -> Tensor:
+    """σ'(x) = ½ on [0, 2], 0 elsewhere."""
+    return 0.5 * ((x >= 0) & (x <= 2)).to(x.dtype)
+
+
+def centered_hard_sigmoid(x: Tensor) -> Tensor:
+    """σ(x) = clamp(x, −½, ½) = hardtanh(2x)/2."""
+    return x.clamp(-0.5, 0.5)
+
+
+def centered_hard_sigmoid_derivative(x: Tensor) -> Tensor:
+    """σ'(x) = 1 on [−½, ½], 0 elsewhere."""
+    return ((x >= -0.5) & (x <= 0.5)).to(x.dtype)
+
+
+def logistic_derivative(x: Tensor) -> Tensor:
+    """σ'(x) = σ(x)(1 − σ(x)) for σ = 1/(1 + e^{−x})."""
+    s = torch.sigmoid(x)
+    return s * (1.0 - s)
+
+
 def tanh_derivative(x: Tensor) -> Tensor:
     """σ'(x) = 1 − tanh²(x)."""
     return 1.0 - torch.tanh(x) ** 2
@@ -60,6 +96,9 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tens
     "hard_sigmoid": (hard_sigmoid, hard_sigmoid_derivative),
     "tanh": (torch.tanh, tanh_derivative),
     "identity": (identity, identity_derivative),
+    "half_slope_hard_sigmoid": (half_slope_hard_sigmoid, half_slope_hard_sigmoid_derivative),
+    "centered_hard_sigmoid": (centered_hard_sigmoid, centered_hard_sigmoid_derivative),
+    "logistic": (torch.sigmoid, logistic_derivative),
 }
 
 #: (lower, upper) bounds of each activation's range, used to measure saturation.
@@ -68,6 +107,9 @@ ACTIVATION_BOUNDS: dict[str, tuple[float, float] | None] = {
     "hard_sigmoid": (0.0, 1.0),
     "tanh": (-1.0, 1.0),
     "identity": None,
+    "half_slope_hard_sigmoid": (0.0, 1.0),
+    "centered_hard_sigmoid": (-0.5, 0.5),
+    "logistic": (0.0, 1.0),
 }
 
 
@@ -85,6 +127,9 @@ FUSED: dict[str, FusedActivation] = {
     "hard_sigmoid": FusedActivation(1.0, 0.0, lambda t: t.clamp_(0.0, 1.0)),
     "tanh": FusedActivation(1.0, 0.0, torch.tanh_),
     "identity": FusedActivation(1.0, 0.0, None),
+    "half_slope_hard_sigmoid": FusedActivation(0.5, 0.0, lambda t: t.clamp_(0.0, 1.0)),  # σ(z) = clamp(z/2, 0, 1)
+    "centered_hard_sigmoid": FusedActivation(1.0, 0.0, lambda t: t.clamp_(-0.5, 0.5)),
+    "logistic": FusedActivation(1.0, 0.0, torch.sigmoid_),
 }
 
 
@@ -97,7 +142,8 @@ def get_activation(name: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Ten
 
 def activation_and_scaled_derivative(name: str, x: Tensor) -> tuple[Tensor, Tensor, float]:
     """(σ(x), σ'(x)/k, k) with the constant k left for the caller to fold into a later coefficient (one kernel fewer
-    per layer and step): k = 4 and σ'/k = σ(1 − σ) for the paper's sigmoid σ(x) = logistic(4x − 2), k = 1 otherwise."""
+    per layer and step): k = 4 and σ'/k = σ(1 − σ) for the paper's sigmoid σ(x) = logistic(4x − 2), k = ½ and σ'/k
+    the indicator of [0, 2] for ``half_slope_hard_sigmoid``, k = 1 otherwise."""
     if name == "sigmoid":
         value = torch.rsub(x, -2.0, alpha=-4.0).sigmoid_()  # −2 − (−4)x = 4x − 2 in one kernel, same rounding
         return value, torch.addcmul(value, value, value, value=-1.0), 4.0
@@ -109,6 +155,15 @@ def activation_and_scaled_derivative(name: str, x: Tensor) -> tuple[Tensor, Tens
         return value, torch.addcmul(torch.ones_like(value), value, value, value=-1.0), 1.0
     if name == "identity":
         return x, torch.ones_like(x), 1.0
+    if name == "half_slope_hard_sigmoid":
+        value = (0.5 * x).clamp(0.0, 1.0)
+        return value, ((x >= 0) & (x <= 2)).to(x.dtype), 0.5  # σ' = ½ on [0, 2] (kinks included)
+    if name == "centered_hard_sigmoid":
+        value = x.clamp(-0.5, 0.5)
+        return value, (value == x).to(x.dtype), 1.0
+    if name == "logistic":
+        value = torch.sigmoid(x)
+        return value, torch.addcmul(value, value, value, value=-1.0), 1.0
     raise ValueError(f"activation={name!r} is not known; allowed: {', '.join(sorted(ACTIVATIONS))}")
 
 

@@ -22,6 +22,7 @@ checkpoints).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -118,9 +119,10 @@ class EnergyModel(nn.Module, ABC):
         diff = target - self.output(state)
         return diff if self.cost_scale == 0.5 else (2.0 * self.cost_scale) * diff
 
-    def readout_loss(self, state: State, target: Tensor) -> Tensor | None:
+    def readout_loss(self, state: State, target: Tensor, nudged: Sequence[tuple[float, State]] = ()) -> Tensor | None:
         """Extra loss of a read-out outside the dynamics whose θ-gradient joins the update (e.g. the softmax read-out's
-        cross-entropy at s*); ``None`` when the model has none (every θ is learned by the EP contrast or BPTT)."""
+        cross-entropy at s* = ``state``, or at the nudged states ``nudged`` = ((β_a, s_a), (β_b, s_b)));
+        ``None`` when the model has none (every θ is learned by the EP contrast or BPTT)."""
         return None
 
     def encode_target(self, labels: Tensor, like: Tensor) -> Tensor:

@@ -7,15 +7,23 @@ hidden layer s_L, and
     −∂ℓ/∂s_L = W_outᵀ (y − softmax(z) Σ_k y_k)      (= W_outᵀ(y − p) for one-hot y),
 
 the nudge of s_L, which enters the nudged dynamics *inside* σ: s_L ← σ(∂Φ/∂s_L + β(−∂ℓ/∂s_L)), i.e.
-s ← σ(∂Φ^β/∂s) with Φ^β = Φ − βℓ (as in the authors' code). The read-out parameters get the cross-entropy gradient
-at the free fixed point s*, ∂ℓ/∂(W_out, b_out)(s*) (``readout_loss``): that is the exact gradient of the loss of
-the prediction the network makes (at s*), with no β bias, and it equals the read-out part of the BPTT gradient.
-(The authors' code differentiates Φ^β at the nudged state(s) instead, which is the same up to O(β), or O(β²) for
-symmetric nudging.)
+s ← σ(∂Φ^β/∂s) with Φ^β = Φ − βℓ (as in the authors' code).
+
+The read-out parameters θ_out = (W_out, b_out) are learned by one of two estimators (``readout_gradient``), both
+through ``readout_loss``, whose gradient joins the EP update:
+
+- ``free`` (default): ∂ℓ/∂θ_out at the free fixed point s*, the exact gradient of the loss of the prediction the
+  network makes, with no β bias; it equals the read-out part of the BPTT gradient.
+- ``nudged``: the EP finite difference of Φ^β = Φ − βℓ over the nudging pair (β_a, s_a), (β_b, s_b):
+  [β_b ∂ℓ/∂θ_out(s_b) − β_a ∂ℓ/∂θ_out(s_a)] / (β_b − β_a), i.e. ∂ℓ/∂θ_out(s^β) for one-sided (0, β) and the mean
+  of ∂ℓ/∂θ_out at s^{+β} and s^{−β} for symmetric (−β, +β). This is what Laborieux et al.'s code computes
+  (``P_CNN.compute_syn_grads`` differentiates Φ^β at the nudged states); it differs from ``free`` by O(β)
+  (one-sided) or O(β²) (symmetric).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch.nn.functional as F
@@ -25,6 +33,8 @@ from ep_lightning.models.base import State
 
 ReadoutName = Literal["mse", "ce"]
 READOUTS: tuple[str, ...] = ("mse", "ce")
+ReadoutGradient = Literal["free", "nudged"]
+READOUT_GRADIENTS: tuple[str, ...] = ("free", "nudged")
 
 
 def check_readout(readout: str) -> str:
@@ -37,6 +47,16 @@ def check_readout(readout: str) -> str:
     return readout
 
 
+def check_readout_gradient(readout_gradient: str) -> str:
+    """Return ``readout_gradient`` or raise a ValueError naming the field, the value and the allowed values."""
+    if readout_gradient not in READOUT_GRADIENTS:
+        raise ValueError(
+            f"readout_gradient={readout_gradient!r} is not known; allowed: 'free' (cross-entropy gradient of the "
+            f"read-out at s*) or 'nudged' (EP difference of Φ − βℓ at the nudged states, Laborieux et al.'s code)"
+        )
+    return readout_gradient
+
+
 class SoftmaxReadoutMixin:
     """``output``/``cost``/``nudge``/``readout_loss`` for models with a ``readout`` option ('mse' or 'ce').
 
@@ -46,6 +66,8 @@ class SoftmaxReadoutMixin:
     """
 
     readout: str
+    #: Estimator of the read-out's update, ``free`` or ``nudged`` (module docstring); models may set it per instance.
+    readout_gradient: str = "free"
 
     def readout_layer(self) -> nn.Linear:
         raise NotImplementedError
@@ -71,9 +93,22 @@ class SoftmaxReadoutMixin:
         error = target - probs * target.sum(dim=1, keepdim=True)
         return (error @ self.readout_layer().weight).view_as(state[-1])
 
-    def readout_loss(self, state: State, target: Tensor) -> Tensor | None:
-        """mean_batch ℓ(s, y) with the state detached: its gradient is the read-out's update (only W_out, b_out get
-        one). ``None`` for ``mse``, where the output layer's weights are learned by the EP contrast."""
+    def readout_loss(self, state: State, target: Tensor, nudged: Sequence[tuple[float, State]] = ()) -> Tensor | None:
+        """The loss whose gradient is the read-out's update (only W_out, b_out get one; states detached):
+
+        ``free``: mean_batch ℓ(s*, y) at ``state`` (s*); ``nudged``: [β_b mean ℓ(s_b, y) − β_a mean ℓ(s_a, y)] /
+        (β_b − β_a) over ``nudged`` = ((β_a, s_a), (β_b, s_b)), the nudging pair (a state at β = 0 is s*).
+        ``None`` for ``mse``, where the output layer's weights are learned by the EP contrast."""
         if self.readout != "ce":
             return None
-        return self.cost(tuple(s.detach() for s in state), target).mean()
+        if self.readout_gradient == "free":
+            return self.cost(tuple(s.detach() for s in state), target).mean()
+        if len(nudged) != 2:
+            raise ValueError(
+                "readout_gradient='nudged' needs the nudging pair ((β_a, s_a), (β_b, s_b)) in readout_loss(…, nudged=…)"
+            )
+        (beta_a, state_a), (beta_b, state_b) = nudged
+        total = beta_b * self.cost(tuple(s.detach() for s in state_b), target).mean()
+        if beta_a != 0.0:
+            total = total - beta_a * self.cost(tuple(s.detach() for s in state_a), target).mean()
+        return total / (beta_b - beta_a)

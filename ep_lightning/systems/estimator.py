@@ -202,10 +202,11 @@ class EstimatorSystem(EnergySystem):
 
     # --- the update rules -----------------------------------------------------------------------------------------
     def ep_loss(self, x: Tensor, target: Tensor, phases: Phases, betas: NudgingPair) -> Tensor:
-        """−∇ of this is the EP update of the pair (``ep_surrogate``), plus the read-out's cross-entropy gradient at
-        s* for models with a read-out outside the dynamics."""
+        """−∇ of this is the EP update of the pair (``ep_surrogate``), plus the read-out's update (``net.readout_loss``:
+        at s*, or at the two nudged states) for models with a read-out outside the dynamics."""
         loss = ep_surrogate(self.net, x, phases.nudged_a, phases.nudged_b, betas)
-        readout = self.net.readout_loss(phases.free, target)
+        nudged = ((betas[0], phases.nudged_a), (betas[1], phases.nudged_b))
+        readout = self.net.readout_loss(phases.free, target, nudged=nudged)
         return loss if readout is None else loss + readout
 
     def ep_update(
