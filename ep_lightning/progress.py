@@ -9,7 +9,6 @@ order; only rank 0 displays them.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import Any
@@ -17,9 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar, get_standard_metrics
-from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
-
-log = logging.getLogger("lightning.pytorch.callbacks.model_summary")  # Lightning shows its INFO lines
+from lightning.pytorch.utilities.model_summary import get_human_readable_count, summarize
 
 
 def _metrics_everywhere(bar: ProgressBar, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -123,23 +120,38 @@ def progress_for_output() -> ProgressBar:
     return EPProgressBar() if sys.stdout.isatty() else EpochLines()
 
 
-class SummaryWithoutFlops(ModelSummary):
-    """Lightning's model summary without the FLOPs column: it counts FLOPs of ``forward``, which these systems do
-    not use (the relaxation runs in ``training_step``), so it always reads 0."""
+class OneLineSummary(ModelSummary):
+    """Lightning's model summary as one line on stderr: the module, its sub-modules with parameters and the totals
+    (Lightning's table has a FLOPs column for ``forward``, which these systems do not use, and fills the screen)."""
 
-    @staticmethod
-    def summarize(
-        summary_data: list[tuple[str, list[str]]],
-        total_parameters: int,
-        trainable_parameters: int,
-        model_size: float,
-        total_training_modes: dict[str, int],
-        total_flops: int,
-        **summarize_kwargs: Any,
-    ) -> None:
-        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
-        table = _format_summary_table(
-            total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *columns
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._max_depth or not trainer.is_global_zero:
+            return
+        summary = summarize(pl_module, max_depth=1)
+        parts = [
+            f"{name} {kind} {get_human_readable_count(count)}"
+            for name, kind, count in zip(summary.layer_names, summary.layer_types, summary.param_nums)
+            if count
+        ]
+        trainable = get_human_readable_count(summary.trainable_parameters)
+        print(
+            f"model: {type(pl_module).__name__} ({', '.join(parts)}): {trainable} trainable parameters, "
+            f"{summary.model_size:.1f} MB",
+            file=sys.stderr,
+            flush=True,
         )
-        lines = [line for line in table.splitlines() if not line.rstrip().endswith("Total Flops")]
-        log.info("\n" + "\n".join(lines))
+
+
+class ResumeLine(L.Callback):
+    """One line when ``fit`` continues from a checkpoint: the file and where in the run it continues."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.ckpt_path or not trainer.is_global_zero:
+            return
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # batches of this epoch already trained
+        total = trainer.num_training_batches
+        epoch = trainer.current_epoch
+        if isinstance(total, int) and done >= total:  # saved after the epoch's last batch: the next epoch starts
+            epoch, done = epoch + 1, 0
+        of = f" of {total}" if isinstance(total, int) else ""
+        print(f"resuming from {trainer.ckpt_path} at epoch {epoch}, batch {done}{of}", file=sys.stderr, flush=True)

@@ -219,10 +219,15 @@ class EnergySystem(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._evaluate(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Predicted class per sample after ``eval_steps`` free steps from ``initial_state``."""
-        x, _, _ = unpack_batch(batch)
-        return self.net.predict(self.free_phase(x, self.eval_steps))
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """After ``eval_steps`` free steps from ``initial_state``: ``prediction`` (int64 class per sample), ``output``
+        (``net.output``, one row per sample) and, when the batch has labels, ``label``."""
+        x, labels, _ = unpack_batch(batch)
+        state = self.free_phase(x, self.eval_steps)
+        result = {"prediction": self.net.predict(state), "output": self.net.output(state)}
+        if labels is not None:
+            result["label"] = labels
+        return result
 
 
 class EPSystem(EnergySystem):
