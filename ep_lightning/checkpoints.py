@@ -253,12 +253,13 @@ def atomic_save(checkpoint: dict[str, Any], path: str | Path) -> None:
         temporary = None
         _fsync_folder(path.parent)
     except OSError as err:
-        raise CheckpointWriteError(
-            err.errno,
+        failure = CheckpointWriteError(
             f"cannot write checkpoint {path}: {err.strerror or err} (errno {err.errno}); free space on that disk or "
             f"write elsewhere (--trainer.logger.init_args.save_dir); the checkpoints already in {path.parent} are "
-            f"intact",
-        ) from err
+            f"intact"
+        )
+        failure.errno = err.errno  # (one message argument keeps str() to that message)
+        raise failure from err
     finally:
         if temporary is not None:
             with suppress(OSError):
@@ -394,6 +395,15 @@ class ConfiguredOptimizerSettings(L.Callback):
             self.report(f"the configuration changes the optimization: {', '.join(restarted)} start afresh")
 
 
+class KeepLastCheckpointName(L.Callback):
+    """A continued run overwrites its folder's ``last.ckpt``: ModelCheckpoint reloads the name of its last file only
+    if the folder has not moved, and otherwise writes ``last-v1.ckpt`` next to it."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path:
+            last_checkpoint_path(trainer)
+
+
 def _same_group_keys(saved: dict[str, Any], fresh: dict[str, Any]) -> bool:
     """Same optimizer class, as far as the state dicts tell: the same setting names in every group."""
     saved_groups, fresh_groups = saved.get("param_groups", []), fresh.get("param_groups", [])
@@ -446,6 +456,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "CheckpointSignature",
     "ConfiguredOptimizerSettings",
+    "KeepLastCheckpointName",
     "atomic_save",
     "catch_up_epoch_schedulers",
     "check_signature",

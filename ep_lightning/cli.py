@@ -41,6 +41,7 @@ from ep_lightning.checkpoints import (
     SPECIAL_PATHS,
     CheckpointSignature,
     ConfiguredOptimizerSettings,
+    KeepLastCheckpointName,
     check_signature,
     hpc_checkpoint,
     latest_checkpoint,
@@ -283,6 +284,7 @@ class EPLightningCLI(LightningCLI):
             version, path = found
             if subcommand == "fit" and version is not None:
                 init_args.version = version  # continue writing into that run's folder
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             ckpt_path = config.ckpt_path = str(path)
             if subcommand != "fit":
                 _say(f"{subcommand}: checkpoint {path}")
@@ -305,6 +307,7 @@ class EPLightningCLI(LightningCLI):
         if Path(folder).parent.absolute() == root.absolute():
             suffix = Path(folder).name.removeprefix("version_")
             init_args.version = int(suffix) if suffix.isdigit() else Path(folder).name
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     def _check_checkpoint(self, config: Any, path: Path) -> None:
         """Refuse a foreign or unreadable checkpoint; list the settings in which the run differs from it."""
@@ -364,7 +367,7 @@ class EPLightningCLI(LightningCLI):
             elif type(callback) is ModelSummary:
                 callbacks[i] = OneLineSummary()
         callbacks += [GracefulInterrupt(), CheckpointSignature(signature(model)), _TrainingStarted()]
-        callbacks += [ConfiguredOptimizerSettings(report=_say), ResumeLine()]
+        callbacks += [ConfiguredOptimizerSettings(report=_say), KeepLastCheckpointName(), ResumeLine()]
         settings = {**flatten(model, "model"), **flatten(_as_dict(config.get("data")), "data")}
         callbacks.append(HyperparameterSummary(settings))
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in callbacks):
@@ -410,8 +413,7 @@ def _check_writable(folder: Path, field: str) -> None:
         problem = f"no permission to write in {existing}"
     if problem is not None:
         raise ConfigError(
-            f"{field}={str(folder)!r} is not writable ({problem}); point it at a folder you can write, "
-            f"e.g. --{field} /tmp/runs"
+            f"{folder} is not writable ({problem}); point {field} at a folder you can write, e.g. --{field} /tmp/runs"
         )
 
 
@@ -498,7 +500,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
     except Interrupted as err:
         message = err.summary()
         if err.requeued:
-            message += f"; SLURM job requeued, it resumes from {getattr(err, 'requeue_checkpoint', None)}"
+            message += f"; SLURM job requeued, it resumes from {err.requeue_checkpoint}"
         elif err.checkpoint:
             message += "; continue with the same command and --ckpt_path last"
         _say(message)

@@ -46,8 +46,7 @@ class TrainingInterrupted(Interrupted):
         self, signum: int, checkpoint: str | None, epoch: int, step: int, requeue_checkpoint: str | None = None
     ) -> None:
         self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
-        self.requeue_checkpoint = requeue_checkpoint
-        self.requeued = requeue_checkpoint is not None
+        self.requeue_checkpoint, self.requeued = requeue_checkpoint, requeue_checkpoint is not None
         super().__init__(self.summary())
 
 
@@ -123,14 +122,20 @@ class GracefulInterrupt(L.Callback):
         wants_requeue = signum == signal.SIGUSR1 and requeue is not None
         if trainer.world_size > 1:  # only reached once every rank decided to stop: still in step
             wants_requeue = bool(trainer.strategy.reduce_boolean_decision(wants_requeue, all=False))
-        requeue_checkpoint = None
-        if wants_requeue and requeue is not None:
-            requeue(signal.SIGUSR1, None)  # Lightning: hpc_ckpt_<N>.ckpt in default_root_dir, `scontrol requeue`
-            found = hpc_checkpoint(Path(trainer.default_root_dir))
-            requeue_checkpoint = str(found) if found is not None else None
+        requeue_checkpoint = self._requeue(trainer) if wants_requeue else None
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
         raise TrainingInterrupted(signum, str(path), trainer.current_epoch, trainer.global_step, requeue_checkpoint)
+
+    def _requeue(self, trainer: L.Trainer) -> str | None:
+        """Run Lightning's SLURM requeue handler (hpc_ckpt_<N>.ckpt in default_root_dir, `scontrol requeue`) at a
+        step boundary; the file the requeued job resumes from."""
+        requeue = self._requeue_handler()
+        if requeue is None:
+            return None
+        requeue(signal.SIGUSR1, None)
+        found = hpc_checkpoint(Path(trainer.default_root_dir))
+        return str(found) if found is not None else None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """A relaxation stopped mid-batch (single process only, see ``StopRequest``): save the state after the last
@@ -144,6 +149,10 @@ class GracefulInterrupt(L.Callback):
             exception.checkpoint = str(path)
         except Exception:  # noqa: BLE001 - reported as "no checkpoint written"
             exception.checkpoint = None
+            return
+        if exception.signum == signal.SIGUSR1:
+            exception.requeue_checkpoint = self._requeue(trainer)
+            exception.requeued = exception.requeue_checkpoint is not None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A finished run under SLURM: remove Lightning's requeue checkpoints, or the test after ``fit`` (and every

@@ -143,15 +143,23 @@ class OneLineSummary(ModelSummary):
 
 
 class ResumeLine(L.Callback):
-    """One line when ``fit`` continues from a checkpoint: the file and where in the run it continues."""
+    """One line when ``fit`` continues from a checkpoint: the file and where in the run it continues, read at the
+    first batch trained (Lightning settles the epoch and batch of a restored run only once its loops restart)."""
+
+    def __init__(self) -> None:
+        self._pending = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.ckpt_path or not trainer.is_global_zero:
+        self._pending = bool(trainer.ckpt_path)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._pending:
             return
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed  # batches of this epoch already trained
-        total = trainer.num_training_batches
-        epoch = trainer.current_epoch
-        if isinstance(total, int) and done >= total:  # saved after the epoch's last batch: the next epoch starts
-            epoch, done = epoch + 1, 0
-        of = f" of {total}" if isinstance(total, int) else ""
-        print(f"resuming from {trainer.ckpt_path} at epoch {epoch}, batch {done}{of}", file=sys.stderr, flush=True)
+        self._pending = False
+        if trainer.is_global_zero:
+            total = trainer.num_training_batches
+            of = f" of {total}" if isinstance(total, int) else ""
+            where = f"epoch {trainer.current_epoch}, batch {batch_idx}{of}"
+            print(f"resuming from {trainer.ckpt_path} at {where}", file=sys.stderr, flush=True)

@@ -37,6 +37,7 @@ class Interrupted(RuntimeError):
     epoch: int | None = None
     step: int | None = None
     requeued: bool = False
+    requeue_checkpoint: str | None = None
 
     def summary(self) -> str:
         """One line: which signal, where, and the checkpoint (or that none was written)."""
