@@ -210,3 +210,72 @@ def test_merge_groups_applies_configured_settings_and_keeps_the_schedule_progres
     assert ratios == [2.0, 1.0]
     assert saved[0] == {"lr": 0.05, "initial_lr": 0.2, "momentum": 0.5, "params": [0]}
     assert saved[1]["lr"] == 0.0125 and saved[1]["momentum"] == 0.5
+
+
+# --- configured optimizer settings on resume (a real Trainer restore) ------------------------------------------
+class TinyModule(__import__("lightning").LightningModule):
+    """One linear layer; ``optimizer`` ('sgd' with momentum or 'adam') and ``lr`` are its hyperparameters, a StepLR
+    halves the rate every epoch."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
+def _fit(tmp: Path, module, epochs: int, ckpt: Path | None = None, reports: list[str] | None = None):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    callbacks = [checkpoints.ConfiguredOptimizerSettings(report=(reports if reports is not None else []).append)]
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp),
+    )
+    data = DataLoader(TensorDataset(torch.rand(8, 3, generator=torch.Generator().manual_seed(0))), batch_size=4)
+    trainer.fit(module, data, ckpt_path=str(ckpt) if ckpt else None)
+    return trainer
+
+
+def test_resume_applies_a_changed_learning_rate_and_keeps_the_schedule(tmp_path: Path) -> None:
+    """Trained 2 epochs at lr0 0.1 (StepLR: now 0.025), resumed with lr0 0.4: the rate continues as 0.025 · 4 = 0.1
+    and halves at the next epoch end (0.05); the momentum buffers are the checkpoint's."""
+    trainer = _fit(tmp_path, TinyModule(lr=0.1), epochs=2)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    saved = torch.load(tmp_path / "two.ckpt", weights_only=False)
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.025)
+    reports: list[str] = []
+    resumed = _fit(tmp_path, TinyModule(lr=0.4), epochs=3, ckpt=tmp_path / "two.ckpt", reports=reports)
+    group = resumed.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(0.4 * 0.5**3) and group["initial_lr"] == 0.4
+    assert resumed.lr_scheduler_configs[0].scheduler.base_lrs == [0.4]
+    assert reports == [], "same optimizer class: nothing starts afresh"
+
+
+def test_resume_with_another_optimizer_class_starts_its_state_afresh(tmp_path: Path) -> None:
+    """SGD with momentum → Adam: Lightning alone would load SGD's state into Adam and fail; here Adam starts with
+    its own fresh state (its step count is the resumed epoch's 2 steps) and the change is reported."""
+    trainer = _fit(tmp_path, TinyModule("sgd"), epochs=1)
+    trainer.save_checkpoint(tmp_path / "sgd.ckpt")
+    reports: list[str] = []
+    resumed = _fit(tmp_path, TinyModule("adam", lr=0.01), epochs=2, ckpt=tmp_path / "sgd.ckpt", reports=reports)
+    optimizer = resumed.optimizers[0]
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert [float(s["step"]) for s in optimizer.state.values()] == [2.0, 2.0]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5), "the new schedule ran one epoch"
+    assert reports == ["the configuration changes the optimization: optimizer 0, lr scheduler 0 start afresh"]
