@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,10 +45,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     tmp = tmp_path_factory.mktemp("packaging")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["OMP_NUM_THREADS"] = "1"
+    source = tmp / "source"  # a copy: an in-tree build leaves build/ and *.egg-info behind
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "configs", "ep_lightning"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        options = {"symlinks": True, "ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}
+        copy(REPO / name, source / name, **options)
     # with setuptools at hand build offline; otherwise pip fetches it into an isolated build environment
     offline = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
     built = run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", *offline, "-q", "-w", str(tmp)], tmp, env
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", *offline, "-q", "-w", str(tmp)], tmp, env
     )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = tmp.glob("ep_lightning-*.whl")

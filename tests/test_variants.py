@@ -482,7 +482,7 @@ def test_warm_start_and_adaptive_relaxation_save_free_steps(tmp_path: Path) -> N
     x = images[:5]
     with torch.no_grad():
         from_zero = relax(warm.model.net, warm.model.net.drive(x), warm.model.net.init_state(x), 30)
-    assert torch.equal(warm.model.predict_step((x, torch.zeros(5)), 0), warm.model.net.predict(from_zero))
+    assert torch.equal(warm.model.predict_step((x, torch.zeros(5)), 0)["prediction"], warm.model.net.predict(from_zero))
 
 
 def test_warm_start_needs_return_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
