@@ -221,6 +221,13 @@ def catch_up_epoch_schedulers(module: L.LightningModule) -> None:
                 scheduler.step()
 
 
+def next_hpc_checkpoint(folder: Path) -> Path:
+    """The name Lightning gives the next SLURM requeue checkpoint in ``folder``: ``hpc_ckpt_<highest N + 1>.ckpt``."""
+    found = hpc_checkpoint(folder)
+    number = int(HPC_PATTERN.fullmatch(found.name).group(1)) if found is not None else 0
+    return folder / f"hpc_ckpt_{number + 1}.ckpt"
+
+
 # --- where evaluations of a checkpoint write -------------------------------------------------------------------
 def run_folder_of(checkpoint_path: Path) -> Path:
     """The run folder of a checkpoint: ``runs/<name>/version_N`` for ``…/version_N/checkpoints/x.ckpt``, else the
@@ -463,6 +470,7 @@ __all__ = [
     "hpc_checkpoint",
     "last_checkpoint_path",
     "latest_checkpoint",
+    "next_hpc_checkpoint",
     "read_checkpoint",
     "run_folder_of",
     "settings_differences",

@@ -501,6 +501,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
         message = err.summary()
         if err.requeued:
             message += f"; SLURM job requeued, it resumes from {err.requeue_checkpoint}"
+        elif err.requeue_checkpoint:
+            message += f"; a requeued SLURM job resumes from {err.requeue_checkpoint} (or use --ckpt_path last)"
         elif err.checkpoint:
             message += "; continue with the same command and --ckpt_path last"
         _say(message)

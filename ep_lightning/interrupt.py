@@ -29,7 +29,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from ep_lightning.checkpoints import hpc_checkpoint, last_checkpoint_path
+from ep_lightning.checkpoints import hpc_checkpoint, last_checkpoint_path, next_hpc_checkpoint
 from ep_lightning.stop_request import CHECK_EVERY, STOP, Interrupted, RelaxationInterrupted, check_interrupt
 
 #: The signals that stop a run with a checkpoint.
@@ -37,6 +37,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 #: SIGUSR1's handler is installed once Lightning has registered its own (its SLURM requeue handler, which runs at the
 #: batch end); Lightning registers one only where none exists.
 _LATE_SIGNALS = (signal.SIGUSR1,)
+#: Under SLURM auto-requeue these also leave the checkpoint a requeued job resumes from (SIGUSR1: before a time
+#: limit, the job is requeued; SIGTERM: a preemption, which SLURM requeues itself).
+_REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class TrainingInterrupted(Interrupted):
@@ -46,7 +49,8 @@ class TrainingInterrupted(Interrupted):
         self, signum: int, checkpoint: str | None, epoch: int, step: int, requeue_checkpoint: str | None = None
     ) -> None:
         self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
-        self.requeue_checkpoint, self.requeued = requeue_checkpoint, requeue_checkpoint is not None
+        self.requeue_checkpoint = requeue_checkpoint
+        self.requeued = signum == signal.SIGUSR1 and requeue_checkpoint is not None
         super().__init__(self.summary())
 
 
@@ -118,23 +122,27 @@ class GracefulInterrupt(L.Callback):
         if not stop:
             return
         signum = STOP.signum or signal.SIGTERM
-        requeue = self._requeue_handler()
-        wants_requeue = signum == signal.SIGUSR1 and requeue is not None
+        requeue = self._requeue_handler() is not None and signum in _REQUEUE_SIGNALS
         if trainer.world_size > 1:  # only reached once every rank decided to stop: still in step
-            wants_requeue = bool(trainer.strategy.reduce_boolean_decision(wants_requeue, all=False))
-        requeue_checkpoint = self._requeue(trainer) if wants_requeue else None
+            requeue = bool(trainer.strategy.reduce_boolean_decision(requeue, all=False))
+        requeue_checkpoint = self._requeue(trainer, signum) if requeue else None
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
         raise TrainingInterrupted(signum, str(path), trainer.current_epoch, trainer.global_step, requeue_checkpoint)
 
-    def _requeue(self, trainer: L.Trainer) -> str | None:
-        """Run Lightning's SLURM requeue handler (hpc_ckpt_<N>.ckpt in default_root_dir, `scontrol requeue`) at a
-        step boundary; the file the requeued job resumes from."""
-        requeue = self._requeue_handler()
-        if requeue is None:
+    def _requeue(self, trainer: L.Trainer, signum: int) -> str | None:
+        """Under SLURM auto-requeue, at a step boundary: the checkpoint a requeued job resumes from. For SIGUSR1
+        Lightning's own handler writes it (``hpc_ckpt_<N>.ckpt`` in default_root_dir) and calls ``scontrol
+        requeue``; for SIGTERM (a preemption, which SLURM requeues itself) it is written here under the same name."""
+        handler = self._requeue_handler()
+        if handler is None:
             return None
-        requeue(signal.SIGUSR1, None)
-        found = hpc_checkpoint(Path(trainer.default_root_dir))
+        folder = Path(trainer.default_root_dir)
+        if signum == signal.SIGUSR1:
+            handler(signal.SIGUSR1, None)
+        else:
+            trainer.save_checkpoint(next_hpc_checkpoint(folder), weights_only=False)
+        found = hpc_checkpoint(folder)
         return str(found) if found is not None else None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -150,9 +158,9 @@ class GracefulInterrupt(L.Callback):
         except Exception:  # noqa: BLE001 - reported as "no checkpoint written"
             exception.checkpoint = None
             return
-        if exception.signum == signal.SIGUSR1:
-            exception.requeue_checkpoint = self._requeue(trainer)
-            exception.requeued = exception.requeue_checkpoint is not None
+        if exception.signum in _REQUEUE_SIGNALS:
+            exception.requeue_checkpoint = self._requeue(trainer, exception.signum)
+            exception.requeued = exception.signum == signal.SIGUSR1 and exception.requeue_checkpoint is not None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A finished run under SLURM: remove Lightning's requeue checkpoints, or the test after ``fit`` (and every

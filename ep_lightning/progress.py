@@ -1,4 +1,5 @@
-"""Progress display that is safe under DDP and short when the output goes to a file.
+"""What a run prints while it trains: a progress display that is safe under DDP and short when the output goes to a
+file, a one-line model summary, and where a resumed run continues.
 
 Lightning's progress bar reads ``trainer.progress_bar_metrics`` on rank 0 only; that read computes every epoch
 metric logged with ``sync_dist=True`` so far, i.e. runs an all-reduce on rank 0 alone. If another rank meanwhile
@@ -41,6 +42,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+# Kept until Lightning reads progress-bar metrics on every rank (Lightning issue #21264): its bar can deadlock DDP.
 class EPProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, but metric reads happen on every rank, and the finished epoch's training means
     (logged in the module's ``on_train_epoch_end``, after this callback's hook) are shown once they exist."""

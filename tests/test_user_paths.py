@@ -790,11 +790,15 @@ def test_read_only_run_folder_is_one_line_at_start(short_run: Path, tmp_path: Pa
 
 
 # --- clusters: SLURM requeue and several nodes -------------------------------------------------------------------
-def test_slurm_sigusr1_requeues_and_the_requeued_job_resumes(reference_run: tuple[Path, Run], tmp_path: Path) -> None:
-    """Under SLURM (its environment variables, a fake ``scontrol`` on PATH), SIGUSR1 before the time limit: the run
-    stops with last.ckpt, Lightning's requeue path writes hpc_ckpt_1.ckpt and calls ``scontrol requeue <job>``; the
-    requeued job (the same command, no --ckpt_path) resumes from that file into the same run folder, removes it when
-    it finishes, and ends with the weights of the uninterrupted run."""
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_slurm_signal_requeues_and_the_requeued_job_resumes(
+    signum: int, reference_run: tuple[Path, Run], tmp_path: Path
+) -> None:
+    """Under SLURM (its environment variables, a fake ``scontrol`` on PATH). SIGUSR1 before the time limit: the run
+    stops with last.ckpt, Lightning's requeue path writes hpc_ckpt_1.ckpt and calls ``scontrol requeue <job>``.
+    SIGTERM (a preemption, which SLURM requeues itself): the same file, no scontrol call. The requeued job (the same
+    command, no --ckpt_path) resumes from that file into the same run folder, removes it when it finishes, and ends
+    with the weights of the uninterrupted run."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
@@ -812,12 +816,16 @@ def test_slurm_sigusr1_requeues_and_the_requeued_job_resumes(reference_run: tupl
         "SLURM_NODEID": "0",
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
     }
-    run, took = interrupt(_p1h(tmp_path), tmp_path, signal.SIGUSR1, after=1.0, env=slurm)
+    run, took = interrupt(_p1h(tmp_path), tmp_path, signum, after=1.0, env=slurm)
     hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    assert run.returncode == 128 + signal.SIGUSR1, run.stderr[-3000:]
+    assert run.returncode == 128 + signum, run.stderr[-3000:]
     assert took < 15, f"exit took {took:.1f} s"
-    assert f"; SLURM job requeued, it resumes from {hpc}" in run.stderr, run.stderr[-3000:]
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    if signum == signal.SIGUSR1:
+        assert f"; SLURM job requeued, it resumes from {hpc}" in run.stderr, run.stderr[-3000:]
+        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    else:
+        assert f"; a requeued SLURM job resumes from {hpc}" in run.stderr, run.stderr[-3000:]
+        assert not (tmp_path / "scontrol.log").exists(), "SLURM requeues a preempted job itself"
     step = torch.load(hpc, weights_only=False)["global_step"]
     assert 0 < step < SIGNAL_BATCHES
 
