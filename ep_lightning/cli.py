@@ -220,7 +220,7 @@ class EPLightningCLI(LightningCLI):
         """Where LightningCLI applies a checkpoint's hyperparameters over the parsed config (so the checkpoint, not
         the command line, would decide eval_steps, T, learning rates, …), the parsed config wins here: the
         checkpoint is resolved (``last``, SLURM requeue), read, checked against the config's model and its differing
-        settings listed. Only without a configured model does the checkpoint describe it (LightningCLI's way)."""
+        settings listed."""
         config = self._subconfig()
         subcommand = self.config.get("subcommand")
         self._name_run_after_config(config)
@@ -233,9 +233,6 @@ class EPLightningCLI(LightningCLI):
                     f"run of this config), or --evaluate_untrained true to evaluate the initial weights"
                 )
             if ckpt_path is not None and ckpt_path not in SPECIAL_PATHS:
-                if config.get("model") is None:
-                    super()._parse_ckpt_path()  # nothing configured: the checkpoint's hyperparameters are the model
-                    config = self._subconfig()
                 self._check_checkpoint(config, Path(ckpt_path))
                 if subcommand in EVALUATIONS:
                     self._write_next_to(config, Path(ckpt_path), subcommand)

@@ -299,6 +299,11 @@ def parse_error_line(message: str, parser: Any, argv: list[str]) -> str:
         valid = sorted({d[len(prefix) + 1 if prefix else 0 :].split(".", 1)[0] for d in names if d.startswith(prefix)})
         closest = _closest(parts[depth], valid, f"{prefix}." if prefix else "")
         return f"unknown key {full} {_where(parts[depth], argv)}; closest valid keys: {closest} ({prog} --help)"
+    if re.search(r"arguments are required: \w+\.model\b", message):
+        return (
+            "no model configured: give --config <experiment>.yaml (e.g. configs/mnist/p1h_ep.yaml; a run folder's "
+            "config.yaml is the configuration it was trained with)"
+        )
     unknown = re.match(r"unrecognized arguments: (\S+)", message)
     if unknown:
         option_name = unknown.group(1).split("=", 1)[0]
