@@ -44,7 +44,8 @@ class Run:
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     cluster = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in cluster and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # the checkout first
+    env.update(PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("EP_LIGHTNING_TRACEBACK", None)
     env.update(extra or {})
     return env
