@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ep_lightning.errors import ConfigError, DataFileError, DivergenceError
+from ep_lightning.errors import CheckpointWriteError, ConfigError, DataFileError, DivergenceError
 from ep_lightning.models.base import EnergyModel
 
 #: Folder of this package: a ValueError raised by code in here is a message written for the user.
@@ -90,7 +90,7 @@ def _raised_in_package(err: BaseException) -> bool:
 def user_error(err: BaseException) -> BaseException | None:
     """The exception in ``err``'s chain (``__cause__``/``__context__``) that was written for the user, if any.
 
-    That is a :class:`ConfigError`, a data-file error, a divergence error, or a ``ValueError`` raised directly by
+    That is a :class:`ConfigError`, a data-file, divergence or checkpoint-write error, or a ``ValueError`` raised by
     ep_lightning code (the checks in ``__init__`` methods). Errors from deep inside torch or Lightning are not
     (their traceback is what a developer needs), so this returns ``None`` for them.
     """
@@ -98,7 +98,7 @@ def user_error(err: BaseException) -> BaseException | None:
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (ConfigError, DataFileError, DivergenceError)):
+        if isinstance(current, (ConfigError, DataFileError, DivergenceError, CheckpointWriteError)):
             return current
         if type(current) is ValueError and _raised_in_package(current):
             return current
@@ -147,55 +147,6 @@ def check_trainer_settings(trainer: dict[str, Any]) -> None:
 
         if not torch.backends.mps.is_available():
             raise ConfigError("trainer.accelerator='mps' but MPS is not available here; use --trainer.accelerator cpu")
-
-
-def checkpoint_signature(model_config: dict[str, Any] | None) -> dict[str, Any]:
-    """What a checkpoint must share with the config that loads it: the LightningModule class, its ``algorithm``,
-    and the class and arguments of every sub-network it is given (``net``/``model``, ``initializer``, …)."""
-    if not model_config:
-        return {}
-    init_args = model_config.get("init_args") or {}
-    signature: dict[str, Any] = {"module class": model_config.get("class_path")}
-    if "algorithm" in init_args:
-        signature["algorithm"] = init_args["algorithm"]
-    for key, value in sorted(init_args.items()):
-        if isinstance(value, dict) and "class_path" in value:
-            signature[f"{key} class"] = value["class_path"]
-            for arg, arg_value in sorted((value.get("init_args") or {}).items()):
-                signature[f"{key}.{arg}"] = arg_value
-    return signature
-
-
-def check_checkpoint_matches(path: str, checkpoint: dict[str, Any], expected: dict[str, Any]) -> None:
-    """ConfigError naming the checkpoint and every differing field if it was written for another model class,
-    algorithm or network. Checkpoints without a signature are compared on the LightningModule's class_path and
-    algorithm (in their hyperparameters)."""
-    saved = checkpoint.get("ep_lightning_signature")
-    if saved is None:
-        hparams = checkpoint.get("hyper_parameters") or {}
-        saved = {"module class": hparams.get("_class_path")}
-        if "algorithm" in hparams:
-            saved["algorithm"] = hparams["algorithm"]
-        expected = {k: v for k, v in expected.items() if k in saved and saved[k] is not None}
-    keys = [k for k in dict.fromkeys([*saved, *expected]) if _normal(saved.get(k)) != _normal(expected.get(k))]
-    if keys:
-        show = lambda value: "unset" if value is None else repr(value)
-        diffs = "; ".join(f"{k}: checkpoint {show(saved.get(k))}, config {show(expected.get(k))}" for k in keys)
-        raise ConfigError(
-            f"checkpoint {path} was written for another model ({diffs}); use the config it was trained with "
-            f"(its run folder holds config.yaml)"
-        )
-
-
-def _normal(value: Any) -> Any:
-    """Compare lists/tuples and ints/floats by value (YAML may give 1 where the checkpoint holds 1.0)."""
-    if isinstance(value, (list, tuple)):
-        return [_normal(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)):
-        return float(value)
-    return value
 
 
 #: Keys of the systems that were renamed: old name → (new name, example).
@@ -254,3 +205,104 @@ def config_file_errors(argv: list[str], defaults: list[Path]) -> str | None:
         except OSError as err:
             return f"config file {path} cannot be read ({err.strerror}); check its permissions"
     return None
+
+
+# --- parse errors (jsonargparse) --------------------------------------------------------------------------------
+def _class_arguments(class_path: str) -> list[str]:
+    """Names of the constructor arguments of ``class_path`` (through ``**kwargs`` to the parents' constructors)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            parameters = list(inspect.signature(init).parameters.values())[1:]
+        except (TypeError, ValueError):
+            break
+        names += [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+def _option_names(parser: Any) -> list[str]:
+    """Every ``--option`` a (jsonargparse) parser accepts."""
+    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+
+
+def _where(key: str, argv: list[str]) -> str:
+    """Where the user wrote ``key`` (its last dotted part): on the command line or in which --config file."""
+    import re
+
+    last = key.rsplit(".", 1)[-1]  # (a config file nests the key: only its last part appears on one line)
+    for arg in argv:
+        if arg.startswith("--") and re.search(rf"(^|\.){re.escape(last)}($|[.=+])", arg[2:]):
+            return "on the command line"
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        try:
+            if re.search(rf"^\s*{re.escape(last)}\s*:", Path(name).read_text(), re.MULTILINE):
+                return f"in config file {name}"
+        except OSError:
+            continue
+    return "in the configuration"
+
+
+def _closest(word: str, valid: list[str], join: str = "") -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, valid, n=3, cutoff=0.6) or difflib.get_close_matches(word, valid, n=3)
+    return ", ".join(f"{join}{name}" for name in close) if close else ", ".join(f"{join}{name}" for name in valid)
+
+
+def parse_error_line(message: str, parser: Any, argv: list[str]) -> str:
+    """One line for a jsonargparse error ``message`` (of ``parser``, the subcommand's parser): for an unknown key
+    the full key, where it was written and the closest valid keys; any other message joined onto one line."""
+    import re
+
+    prog = str(getattr(parser, "prog", "train.py")).replace(" [options]", "")
+    option = re.search(r"Options? '([^']+)'(?: is| are) not accepted", message)
+    if option:  # an argument of a class (system, network, data module, logger, callback)
+        before = message[: option.start()]
+        keys = re.findall(r'Parser key "([^"]+)"', before)
+        classes = re.findall(r"Problem with given class_path '([^']+)'", before)
+        name = option.group(1)
+        full = ".init_args.".join([*keys, name]) if keys else name
+        valid = _class_arguments(classes[-1]) if classes else []
+        short = classes[-1].rsplit(".", 1)[-1] if classes else "this class"
+        prefix = full[: len(full) - len(name)]
+        closest = f"; closest valid keys: {_closest(name, valid, prefix)}" if valid else ""
+        help_key = ".init_args.".join(keys) if keys else "model"
+        return f"unknown key {full} {_where(full, argv)}{closest} (all of {short}'s: {prog} --{help_key}.help {short})"
+    subkey = re.search(r"(?:Subcommand '[^']+'|Group '([^']+)') does not accept option '([^']+)'", message)
+    if subkey:  # a key of the config that no option holds (e.g. `modle:` or `trainer: {max_epoks: …}`)
+        full = ".".join(part for part in subkey.groups() if part)
+        parts = full.split(".")
+        names = [a.dest for a in parser._actions if a.dest not in ("help", "==SUPPRESS==")]
+        depth = 0  # the longest prefix of the key that names a group of options
+        while depth < len(parts) - 1 and any(d.startswith(".".join(parts[: depth + 1]) + ".") for d in names):
+            depth += 1
+        prefix = ".".join(parts[:depth])
+        valid = sorted({d[len(prefix) + 1 if prefix else 0 :].split(".", 1)[0] for d in names if d.startswith(prefix)})
+        closest = _closest(parts[depth], valid, f"{prefix}." if prefix else "")
+        return f"unknown key {full} {_where(parts[depth], argv)}; closest valid keys: {closest} ({prog} --help)"
+    if re.search(r"arguments are required: \w+\.model\b", message):
+        return (
+            "no model configured: give --config <experiment>.yaml (e.g. configs/mnist/p1h_ep.yaml; a run folder's "
+            "config.yaml is the configuration it was trained with)"
+        )
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    if unknown:
+        option_name = unknown.group(1).split("=", 1)[0]
+        valid = _option_names(parser)
+        return f"unknown option {option_name}; closest valid options: {_closest(option_name, valid)} ({prog} --help)"
+    return " ".join(message.split())

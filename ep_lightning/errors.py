@@ -19,4 +19,8 @@ class DivergenceError(FloatingPointError):
     """NaN or Inf appeared in the weights, the states or the update of a training step."""
 
 
-__all__ = ["ConfigError", "DataFileError", "DivergenceError"]
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only folder); earlier checkpoints are left intact."""
+
+
+__all__ = ["CheckpointWriteError", "ConfigError", "DataFileError", "DivergenceError"]

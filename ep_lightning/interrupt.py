@@ -1,15 +1,20 @@
-"""Stop a run on SIGTERM / SIGINT within one training step, leaving a checkpoint to continue from.
+"""Stop a run on SIGTERM / SIGINT / SIGUSR1 within one training step, leaving a checkpoint to continue from.
 
-Preemption (cluster schedulers, ``timeout``) sends SIGTERM; Ctrl-C sends SIGINT. Lightning's own SIGTERM handler
-broadcasts from inside the signal handler (a collective on whichever rank got the signal) and otherwise stops only
-at the end of a batch; SIGINT is not saved at all. Here the handler only records the signal:
+Preemption (cluster schedulers, ``timeout``) sends SIGTERM; Ctrl-C sends SIGINT; SLURM sends SIGUSR1 ahead of a time
+limit (``#SBATCH --signal=USR1@90``). Lightning's own SIGTERM handler broadcasts from inside the signal handler (a
+collective on whichever rank got the signal) and otherwise stops only at the end of a batch; SIGINT is not saved at
+all, and SIGUSR1 only under SLURM, from inside the handler, at whatever point of a step the signal arrived. Here the
+handler only records the signal:
 
 - at every training batch end the ranks agree (one ``reduce_boolean_decision``, the same call on every rank) on
   whether any of them got a signal; if so they save ``last.ckpt`` (the state after that batch, from which
   ``--ckpt_path last`` continues exactly) and stop with :class:`TrainingInterrupted`;
-- in a single process, inside a relaxation, :func:`check_interrupt` (called by ``relax`` every ``CHECK_EVERY``
-  steps: a Python attribute test, no host synchronisation) raises :class:`RelaxationInterrupted`; the checkpoint
-  then holds the state after the last completed batch (the interrupted batch is redone on resume).
+- for SIGUSR1 under SLURM with auto-requeue (Lightning's ``SLURMEnvironment``), Lightning's requeue handler runs at
+  that batch end too: it writes its ``hpc_ckpt_<N>.ckpt`` and calls ``scontrol requeue``; the requeued job resumes
+  from that file (``ep_lightning.cli``);
+- in a single process, inside a relaxation, ``relax`` raises ``RelaxationInterrupted`` (see
+  ``ep_lightning.stop_request``); the checkpoint then holds the state after the last completed batch (the
+  interrupted batch is redone on resume).
 """
 
 from __future__ import annotations
@@ -22,80 +27,35 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
-#: relax() tests the stop request every this many steps.
-CHECK_EVERY = 16
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from ep_lightning.checkpoints import hpc_checkpoint, last_checkpoint_path, next_hpc_checkpoint
+from ep_lightning.stop_request import CHECK_EVERY, STOP, Interrupted, RelaxationInterrupted, check_interrupt
 
-
-class _StopRequest:
-    """The signal received, if any (set by the handler, read at batch ends), and whether relaxations should stop
-    too: only in a single process, because under DDP a rank leaving mid-step would leave the others waiting in a
-    collective (there the ranks agree at the next batch end instead)."""
-
-    signum: int | None = None
-    relaxations: bool = False
-
-
-STOP = _StopRequest()
-
-
-class Interrupted(RuntimeError):
-    """The run stopped on a signal; ``checkpoint`` is the file to continue from (None if none was written)."""
-
-    signum: int = signal.SIGTERM
-    checkpoint: str | None = None
-    epoch: int | None = None
-    step: int | None = None
-
-    def summary(self) -> str:
-        """One line: which signal, where, and the checkpoint (or that none was written)."""
-        where = f" at epoch {self.epoch}, global step {self.step}" if self.epoch is not None else ""
-        saved = f"checkpoint saved to {self.checkpoint}" if self.checkpoint else "no checkpoint written"
-        return f"interrupted by {signal.Signals(self.signum).name}{where}: {saved}"
+#: The signals that stop a run with a checkpoint.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+#: SIGUSR1's handler is installed once Lightning has registered its own (its SLURM requeue handler, which runs at the
+#: batch end); Lightning registers one only where none exists.
+_LATE_SIGNALS = (signal.SIGUSR1,)
+#: Under SLURM auto-requeue these also leave the checkpoint a requeued job resumes from (SIGUSR1: before a time
+#: limit, the job is requeued; SIGTERM: a preemption, which SLURM requeues itself).
+_REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class TrainingInterrupted(Interrupted):
-    """Stopped at a training batch end, after saving ``last.ckpt``."""
+    """Stopped at a training batch end, after saving ``last.ckpt`` (and, when requeued, Lightning's hpc file)."""
 
-    def __init__(self, signum: int, checkpoint: str | None, epoch: int, step: int) -> None:
+    def __init__(
+        self, signum: int, checkpoint: str | None, epoch: int, step: int, requeue_checkpoint: str | None = None
+    ) -> None:
         self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
+        self.requeue_checkpoint = requeue_checkpoint
+        self.requeued = signum == signal.SIGUSR1 and requeue_checkpoint is not None
         super().__init__(self.summary())
 
 
-class RelaxationInterrupted(Interrupted):
-    """A stop was requested in the middle of a relaxation (``GracefulInterrupt.on_exception`` fills in the
-    checkpoint it wrote)."""
-
-    def __init__(self, signum: int, relaxation_step: int) -> None:
-        self.signum = signum
-        super().__init__(f"{signal.Signals(signum).name} received at relaxation step {relaxation_step}")
-
-
-def check_interrupt(step: int) -> None:
-    """Raise :class:`RelaxationInterrupted` if a stop signal arrived (called by ``relax`` every CHECK_EVERY steps)."""
-    if STOP.relaxations and STOP.signum is not None:
-        raise RelaxationInterrupted(STOP.signum, step)
-
-
-def last_checkpoint_path(trainer: L.Trainer) -> Path:
-    """``last.ckpt`` of the ModelCheckpoint that writes one (else of the first; else default_root_dir/last.ckpt),
-    the newest file where ``--ckpt_path last`` looks.
-
-    The ModelCheckpoint is told that this file is its last checkpoint (its ``last_model_path`` is saved in the
-    checkpoint), so the continued run overwrites it instead of writing ``last-v1.ckpt`` next to it."""
-    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
-    for callback in sorted(callbacks, key=lambda c: not c.save_last):  # the one that writes last.ckpt first
-        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-        callback.last_model_path = str(path)
-        return path
-    return Path(trainer.default_root_dir) / "last.ckpt"
-
-
 class GracefulInterrupt(L.Callback):
-    """SIGTERM / SIGINT: save ``last.ckpt`` and raise :class:`TrainingInterrupted` within one training step."""
+    """SIGTERM / SIGINT / SIGUSR1: save ``last.ckpt`` and raise :class:`TrainingInterrupted` within one step."""
 
     def __init__(self) -> None:
         self._trainer: L.Trainer | None = None
@@ -111,23 +71,30 @@ class GracefulInterrupt(L.Callback):
         trainer = self._trainer
         STOP.relaxations = trainer is None or trainer.world_size == 1
         launcher = trainer.strategy.launcher if trainer is not None else None
-        if isinstance(launcher, _SubprocessScriptLauncher) and trainer.is_global_zero:
-            launcher.kill(signum)  # the other ranks' processes stop their relaxations too
+        if launcher is not None and trainer.is_global_zero:
+            launcher.kill(signum)  # processes this one started (strategy 'ddp') stop their relaxations too
 
-    def _install(self, trainer: L.Trainer) -> None:
-        """(Re)install the handler: Lightning registers its own SIGTERM handler after ``setup``."""
+    def _install(self, trainer: L.Trainer, late: bool = True) -> None:
+        """(Re)install the handler: Lightning registers its own handlers after ``setup``."""
         self._trainer = trainer
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in SIGNALS:
+            if signum in _LATE_SIGNALS and not late:
+                continue
             current = signal.getsignal(signum)
             if current != self._handler:
                 self._previous.setdefault(signum, current)
                 signal.signal(signum, self._handler)
 
+    def _requeue_handler(self) -> Any:
+        """Lightning's SIGUSR1 handler found when ours was installed (SLURM auto-requeue), else None."""
+        previous = self._previous.get(signal.SIGUSR1)
+        return previous if callable(previous) else None
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        STOP.signum, STOP.relaxations = None, False
-        self._install(trainer)
+        STOP.clear()
+        self._install(trainer, late=False)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install(trainer)
@@ -154,21 +121,62 @@ class GracefulInterrupt(L.Callback):
             stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
         if not stop:
             return
+        signum = STOP.signum or signal.SIGTERM
+        requeue = self._requeue_handler() is not None and signum in _REQUEUE_SIGNALS
+        if trainer.world_size > 1:  # only reached once every rank decided to stop: still in step
+            requeue = bool(trainer.strategy.reduce_boolean_decision(requeue, all=False))
+        requeue_checkpoint = self._requeue(trainer, signum) if requeue else None
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)
-        raise TrainingInterrupted(STOP.signum or signal.SIGTERM, str(path), trainer.current_epoch, trainer.global_step)
+        raise TrainingInterrupted(signum, str(path), trainer.current_epoch, trainer.global_step, requeue_checkpoint)
+
+    def _requeue(self, trainer: L.Trainer, signum: int) -> str | None:
+        """Under SLURM auto-requeue, at a step boundary: the checkpoint a requeued job resumes from. For SIGUSR1
+        Lightning's own handler writes it (``hpc_ckpt_<N>.ckpt`` in default_root_dir) and calls ``scontrol
+        requeue``; for SIGTERM (a preemption, which SLURM requeues itself) it is written here under the same name."""
+        handler = self._requeue_handler()
+        if handler is None:
+            return None
+        folder = Path(trainer.default_root_dir)
+        if signum == signal.SIGUSR1:
+            handler(signal.SIGUSR1, None)
+        else:
+            trainer.save_checkpoint(next_hpc_checkpoint(folder), weights_only=False)
+        found = hpc_checkpoint(folder)
+        return str(found) if found is not None else None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """A relaxation stopped mid-batch: rank 0 saves the state after the last completed batch (no collective:
-        another rank may be anywhere) and records the file in the exception."""
+        """A relaxation stopped mid-batch (single process only, see ``StopRequest``): save the state after the last
+        completed batch and record the file in the exception."""
         if not isinstance(exception, RelaxationInterrupted) or trainer.state.fn != "fit":
             return
         exception.epoch, exception.step = trainer.current_epoch, trainer.global_step
-        if trainer.is_global_zero:
-            path = last_checkpoint_path(trainer)
-            try:
-                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
-                exception.checkpoint = str(path)
-            except Exception:  # noqa: BLE001 - reported as "no checkpoint written"
-                exception.checkpoint = None
+        path = last_checkpoint_path(trainer)
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+            exception.checkpoint = str(path)
+        except Exception:  # noqa: BLE001 - reported as "no checkpoint written"
+            exception.checkpoint = None
+            return
+        if exception.signum in _REQUEUE_SIGNALS:
+            exception.requeue_checkpoint = self._requeue(trainer, exception.signum)
+            exception.requeued = exception.signum == signal.SIGUSR1 and exception.requeue_checkpoint is not None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A finished run under SLURM: remove Lightning's requeue checkpoints, or the test after ``fit`` (and every
+        later run in this folder) would load them instead of the final weights."""
+        if trainer.is_global_zero and SLURMEnvironment.detect():
+            while (path := hpc_checkpoint(Path(trainer.default_root_dir))) is not None:
+                path.unlink()
+
+
+__all__ = [
+    "CHECK_EVERY",
+    "SIGNALS",
+    "STOP",
+    "GracefulInterrupt",
+    "Interrupted",
+    "RelaxationInterrupted",
+    "TrainingInterrupted",
+    "check_interrupt",
+]

@@ -1,4 +1,5 @@
-"""Progress display that is safe under DDP and short when the output goes to a file.
+"""What a run prints while it trains: a progress display that is safe under DDP and short when the output goes to a
+file, a one-line model summary, and where a resumed run continues.
 
 Lightning's progress bar reads ``trainer.progress_bar_metrics`` on rank 0 only; that read computes every epoch
 metric logged with ``sync_dist=True`` so far, i.e. runs an all-reduce on rank 0 alone. If another rank meanwhile
@@ -9,7 +10,6 @@ order; only rank 0 displays them.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import Any
@@ -17,9 +17,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar, get_standard_metrics
-from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
-
-log = logging.getLogger("lightning.pytorch.callbacks.model_summary")  # Lightning shows its INFO lines
+from lightning.pytorch.utilities.model_summary import get_human_readable_count, summarize
 
 
 def _metrics_everywhere(bar: ProgressBar, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -44,6 +42,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+# Kept until Lightning reads progress-bar metrics on every rank (Lightning issue #21264): its bar can deadlock DDP.
 class EPProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar, but metric reads happen on every rank, and the finished epoch's training means
     (logged in the module's ``on_train_epoch_end``, after this callback's hook) are shown once they exist."""
@@ -123,23 +122,46 @@ def progress_for_output() -> ProgressBar:
     return EPProgressBar() if sys.stdout.isatty() else EpochLines()
 
 
-class SummaryWithoutFlops(ModelSummary):
-    """Lightning's model summary without the FLOPs column: it counts FLOPs of ``forward``, which these systems do
-    not use (the relaxation runs in ``training_step``), so it always reads 0."""
+class OneLineSummary(ModelSummary):
+    """Lightning's model summary as one line on stderr: the module, its sub-modules with parameters and the totals
+    (Lightning's table has a FLOPs column for ``forward``, which these systems do not use, and fills the screen)."""
 
-    @staticmethod
-    def summarize(
-        summary_data: list[tuple[str, list[str]]],
-        total_parameters: int,
-        trainable_parameters: int,
-        model_size: float,
-        total_training_modes: dict[str, int],
-        total_flops: int,
-        **summarize_kwargs: Any,
-    ) -> None:
-        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
-        table = _format_summary_table(
-            total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *columns
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._max_depth or not trainer.is_global_zero:
+            return
+        summary = summarize(pl_module, max_depth=1)
+        parts = [
+            f"{name} {kind} {get_human_readable_count(count)}"
+            for name, kind, count in zip(summary.layer_names, summary.layer_types, summary.param_nums)
+            if count
+        ]
+        trainable = get_human_readable_count(summary.trainable_parameters)
+        print(
+            f"model: {type(pl_module).__name__} ({', '.join(parts)}): {trainable} trainable parameters, "
+            f"{summary.model_size:.1f} MB",
+            file=sys.stderr,
+            flush=True,
         )
-        lines = [line for line in table.splitlines() if not line.rstrip().endswith("Total Flops")]
-        log.info("\n" + "\n".join(lines))
+
+
+class ResumeLine(L.Callback):
+    """One line when ``fit`` continues from a checkpoint: the file and where in the run it continues, read at the
+    first batch trained (Lightning settles the epoch and batch of a restored run only once its loops restart)."""
+
+    def __init__(self) -> None:
+        self._pending = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = bool(trainer.ckpt_path)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        if trainer.is_global_zero:
+            total = trainer.num_training_batches
+            of = f" of {total}" if isinstance(total, int) else ""
+            where = f"epoch {trainer.current_epoch}, batch {batch_idx}{of}"
+            print(f"resuming from {trainer.ckpt_path} at {where}", file=sys.stderr, flush=True)

@@ -8,9 +8,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ep_lightning.interrupt import CHECK_EVERY, STOP, check_interrupt
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.nudging import Beta, NudgingPair, repeat_batch
+from ep_lightning.stop_request import CHECK_EVERY, STOP, check_interrupt
 
 
 class RelaxationTrace:
@@ -166,7 +166,7 @@ def relax(
     every ``stop.check_every`` steps; ``stop.steps_run`` then holds the number of steps taken.
     Builds an autograd graph only if called with grad enabled and a parameter or input requires grad
     (the BPTT path); the EP phases call it under ``torch.no_grad()``.
-    Every ``interrupt.CHECK_EVERY`` steps it raises ``RelaxationInterrupted`` if SIGTERM/SIGINT arrived, so a
+    Every ``stop_request.CHECK_EVERY`` steps it raises ``RelaxationInterrupted`` if SIGTERM/SIGINT arrived, so a
     relaxation with a very large ``steps`` still stops promptly.
     """
     if stop is not None:

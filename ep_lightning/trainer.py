@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
+from ep_lightning.checkpoints import read_checkpoint
 from ep_lightning.figures import gdu_curves_figure, gdu_rmse_figure
 from ep_lightning.gdu import average_metrics, gdu_check, gdu_metrics, gdu_settings
 
@@ -67,11 +68,8 @@ class EPTrainer(L.Trainer):
             raise ValueError(f"gdu: batches={batches} is invalid: check at least 1 batch")
         if units < 1:
             raise ValueError(f"gdu: units={units} is invalid: plot at least 1 unit per layer")
-        if ckpt_path is not None:
-            if not os.path.isfile(ckpt_path):
-                raise ValueError(f"gdu: ckpt_path={ckpt_path!r} is not a file; give the path of a .ckpt checkpoint")
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            model.load_state_dict(checkpoint["state_dict"])
+        if ckpt_path is not None:  # missing or unreadable: a ConfigError naming the path
+            model.load_state_dict(read_checkpoint(ckpt_path)["state_dict"])
         T_, K_, beta_ = gdu_settings(model, T, K, beta)
         network = model.net
         device = self.strategy.root_device

@@ -125,3 +125,60 @@ def test_config_file_with_a_renamed_key_names_the_file(tmp_path: Path) -> None:
     assert message is not None and str(old) in message and "'model' is now 'net'" in message
     shipped = Path(__file__).parents[1] / "configs" / "mnist" / "p1h_ep.yaml"
     assert config_file_errors(["fit", "--config", str(shipped)], []) is None
+
+
+def test_model_short_name_and_its_help(repo_root: Path) -> None:
+    """The CLI's model base class is the package's EnergySystem: ``--model EquilibriumModule`` and
+    ``--model.help EquilibriumModule`` resolve the short name; the help text has no literal ``%%``."""
+    args = [sys.executable, "train.py", "fit"]
+    helped = subprocess.run(
+        [*args, "--model.help", "EquilibriumModule"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert "--model.beta" in helped.stdout and "--model.net" in helped.stdout
+    printed = subprocess.run(
+        [*args, "--model", "EquilibriumModule", "--model.net", "PrototypicalNet", "--model.net.layers", "[784, 16, 10]",
+         "--model.lrs", "[0.1, 0.1]", "--print_config"],
+        cwd=repo_root, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert "class_path: ep_lightning.systems.EquilibriumModule" in printed.stdout
+    assert "class_path: ep_lightning.models.PrototypicalNet" in printed.stdout
+    usage = subprocess.run([*args, "--help"], cwd=repo_root, capture_output=True, text=True, timeout=120, check=False)
+    assert "~25 % faster" in " ".join(usage.stdout.split()) and "%%" not in usage.stdout
+
+
+UNKNOWN_KEYS = [
+    (["--model.init_args.net.init_args.layerz", "[1]"], "model.init_args.net.init_args.layerz on the command line",
+     "model.init_args.net.init_args.layers"),
+    (["--data.batchsize", "3"], "data.init_args.batchsize on the command line", "data.init_args.batch_size"),
+    (["--trainer.max_epoks", "3"], "unknown option --trainer.max_epoks", "--trainer.max_epochs"),
+    (["--trainer.logger.init_args.savedir", "x"], "trainer.logger.init_args.savedir",
+     "trainer.logger.init_args.save_dir"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, named, closest", UNKNOWN_KEYS, ids=[a[0] for a, _, _ in UNKNOWN_KEYS])
+def test_unknown_key_is_one_line_with_the_closest_valid_keys(
+    args: list[str], named: str, closest: str, repo_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "--config", str(repo_root / "configs/mnist/p1h_ep.yaml"), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1, lines
+    assert named in lines[0] and f"closest valid {'options' if 'option' in named else 'keys'}: {closest}" in lines[0]
+
+
+def test_unknown_key_in_a_nested_config_file(tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]):
+    config = tmp_path / "typo.yaml"
+    config.write_text("trainer:\n  max_epoks: 3\n")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(repo_root / "configs/mnist/p1h_ep.yaml"), "--config", str(config)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: unknown key trainer.max_epoks in config file {config}; closest valid keys: ")
+    assert "trainer.max_epochs" in line

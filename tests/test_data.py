@@ -167,6 +167,8 @@ def test_corrupt_file_through_the_cli_is_one_line(data_dir: Path, capsys: pytest
         cli_main(
             [
                 "test",
+                "--evaluate_untrained",
+                "true",
                 "--config",
                 str(RAW.parents[2] / "configs/mnist/p1h_ep.yaml"),
                 "--trainer.logger",

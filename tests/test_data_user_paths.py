@@ -27,7 +27,8 @@ pytestmark = pytest.mark.user_paths
 def _tests_on_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
     """train.py subprocesses also import the test callbacks (resume_helpers, data_helpers)."""
     base = U._env
-    monkeypatch.setattr(U, "_env", lambda: {**base(), "PYTHONPATH": os.pathsep.join([str(U.REPO), str(TESTS)])})
+    tests_path = {"PYTHONPATH": os.pathsep.join([str(U.REPO), str(TESTS)])}
+    monkeypatch.setattr(U, "_env", lambda extra=None: {**base(extra), **tests_path})
 
 
 def _recorded_labels(path: Path) -> list[list[int]]:

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from ep_lightning.callbacks import ConvergenceMonitor, InitializationMonitor
+from ep_lightning.checkpoints import SIGN_GENERATOR_KEY
 from ep_lightning.data import MNISTDataModule
 from ep_lightning.models import ConvPrototypicalNet, EnergyBasedNet, FeedforwardInitializer, PrototypicalNet
 from ep_lightning.models.initializer import leaky_hard_sigmoid_derivative
 from ep_lightning.relaxation import RelaxationTrace, relax
 from ep_lightning.systems import EquilibriumModule, InitializedEP, InitializerDistillation
-from ep_lightning.systems.estimator import SIGN_GENERATOR_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 

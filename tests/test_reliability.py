@@ -615,9 +615,9 @@ def test_checkpoint_loads_for_validate_test_predict_on_cpu_even_if_saved_on_gpu(
     trained = {k: v.clone() for k, v in fit.model.state_dict().items()}
     fit.trainer.test(fit.model, datamodule=fit.datamodule, verbose=False)
     acc = fit.trainer.callback_metrics["test/acc"].item()
-    expected_predictions = torch.cat(
-        [p["prediction"] for p in fit.trainer.predict(fit.model, datamodule=fit.datamodule)]
-    )
+    expected = fit.trainer.predict(fit.model, datamodule=fit.datamodule)
+    expected_predictions = torch.cat([batch["prediction"] for batch in expected])
+    expected_outputs = torch.cat([batch["output"] for batch in expected])
     (validated,) = fit.trainer.validate(fit.model, datamodule=fit.datamodule, verbose=False)
     val_acc = validated["val/acc"]
     cpu_ckpt = next((tmp_path / "fit").rglob("last.ckpt"))
@@ -635,9 +635,11 @@ def test_checkpoint_loads_for_validate_test_predict_on_cpu_even_if_saved_on_gpu(
         assert all(torch.equal(loaded[k], trained[k]) and loaded[k].device.type == "cpu" for k in trained)
         validate = cli_main(["validate", *args])
         assert validate.trainer.callback_metrics["val/acc"].item() == pytest.approx(val_acc, abs=1e-7)
-        predict = cli_main(["predict", *args])
-        predictions = torch.cat([p["prediction"] for p in predict.trainer.predict_loop.predictions])
-        assert torch.equal(predictions, expected_predictions)
+        cli_main(["predict", *args])
+        written = torch.load(tmp_path / "eval" / "predictions.pt", weights_only=True)  # the PredictionWriter's file
+        assert torch.equal(written["prediction"], expected_predictions)
+        assert torch.equal(written["output"], expected_outputs)
+        assert torch.equal(written["index"], torch.arange(60)) and written["label"].shape == (60,)
     if net != "IEP":
         network = PrototypicalNet([784, 16, 10]) if net == "P" else EnergyBasedNet([784, 16, 10])
         module = EquilibriumModule.load_from_checkpoint(gpu_ckpt, net=network)  # Lightning's default: to CPU

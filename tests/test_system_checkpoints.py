@@ -26,11 +26,11 @@ from lightning.pytorch.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_user_paths import CONFIGS, REPO, _env, common, interrupt, train
 
+from ep_lightning.checkpoints import EPOCH_SUMS_KEY
 from ep_lightning.cli import cli_main
 from ep_lightning.data import MNISTDataModule
 from ep_lightning.models import EnergyBasedNet, FeedforwardInitializer, PrototypicalNet
 from ep_lightning.systems import EquilibriumModule, InitializedEP
-from ep_lightning.systems.base import EPOCH_SUMS_KEY
 
 pytestmark = pytest.mark.user_paths
 

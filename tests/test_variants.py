@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import yaml
 from test_estimators import _ep_vs_bptt_relative_error
 
+from ep_lightning.checkpoints import SIGN_GENERATOR_KEY, WARM_START_KEY
 from ep_lightning.cli import cli_main
 from ep_lightning.data import MNISTDataModule, load_idx, to_float_images
 from ep_lightning.estimators import ep_surrogate
@@ -26,8 +27,8 @@ from ep_lightning.models.activations import get_activation
 from ep_lightning.models.nudging import repeat_batch
 from ep_lightning.relaxation import RelaxationTrace, StoppingRule, relax
 from ep_lightning.systems import EquilibriumModule
-from ep_lightning.systems.equilibrium import WARM_START_KEY, PersistentStates
-from ep_lightning.systems.estimator import SIGN_GENERATOR_KEY, SignGenerator
+from ep_lightning.systems.equilibrium import PersistentStates
+from ep_lightning.systems.estimator import SignGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "MNIST" / "raw"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ep_lightning.checkpoints import INITIALIZER_CONFIG_KEY
 from ep_lightning.models.base import State
 from ep_lightning.models.layered import check_layers, make_synapses
 
@@ -109,7 +110,7 @@ class FeedforwardInitializer(nn.Module):
         count = len([k for k in state if k.endswith(".weight")])
         weights = [state[f"synapses.{n}.weight"] for n in range(count)]
         layers = [weights[0].shape[1]] + [w.shape[0] for w in weights]
-        leak = checkpoint.get("initializer_config", {}).get("leak", 0.01)
+        leak = checkpoint.get(INITIALIZER_CONFIG_KEY, {}).get("leak", 0.01)
         initializer = cls(layers, leak=leak)
         initializer.load_state_dict(state)
         return initializer

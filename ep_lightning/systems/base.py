@@ -24,19 +24,17 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 
+from ep_lightning.checkpoints import EPOCH_SUMS_KEY, catch_up_epoch_schedulers
 from ep_lightning.config_checks import check_module_fits_datamodule
 from ep_lightning.divergence import DivergenceCheck, check_checkpoint_weights
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.nudging import NudgingPair
 from ep_lightning.relaxation import Phases, PhaseTrace, StoppingRule, relax_phases
-from ep_lightning.resume import catch_up_epoch_schedulers
 
 log = logging.getLogger(__name__)
 
 Nudging = Literal["one_sided", "symmetric", "random_sign"]
 NUDGINGS: tuple[str, ...] = ("one_sided", "symmetric", "random_sign")
-#: Checkpoint key of the training epoch's running sums (a run resumed mid-epoch reports the whole epoch's means).
-EPOCH_SUMS_KEY = "train_epoch_sums"
 #: The class-collapse warning needs this many training samples per class in the epoch (a smoke run of a few batches
 #: predicts few classes and says nothing about dead units).
 MIN_SAMPLES_PER_CLASS = 50

@@ -12,13 +12,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ep_lightning.checkpoints import WARM_START_KEY
 from ep_lightning.errors import ConfigError
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.systems.base import Nudging, OptimizerSpec, float_list, sgd, unpack_batch
 from ep_lightning.systems.estimator import EstimatorSystem
-
-#: Checkpoint key of the warm-start table (exact resume).
-WARM_START_KEY = "ep_warm_start_states"
 
 
 class EquilibriumModule(EstimatorSystem):

@@ -23,15 +23,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from ep_lightning.checkpoints import SIGN_GENERATOR_KEY
 from ep_lightning.compile import CompiledPhases
 from ep_lightning.estimators import bptt_loss, ep_surrogate
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.nudging import NudgingPair
 from ep_lightning.relaxation import Phases, PhaseTrace, StoppingRule
 from ep_lightning.systems.base import NUDGINGS, EnergySystem, Nudging, unpack_batch
-
-#: Checkpoint key of the β-sign generator state (exact resume of ``random_sign``).
-SIGN_GENERATOR_KEY = "beta_sign_generator"
 
 
 def run_seed(default: int = 0) -> int:

@@ -40,15 +40,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ep_lightning.checkpoints import INITIALIZER_CONFIG_KEY
 from ep_lightning.models.base import EnergyModel, State
 from ep_lightning.models.initializer import FeedforwardInitializer, layer_contrast_losses
 from ep_lightning.models.layered import LayeredNet
 from ep_lightning.relaxation import PhaseTrace
 from ep_lightning.systems.base import EnergySystem, Nudging, OptimizerSpec, float_list, sgd, unpack_batch
 from ep_lightning.systems.estimator import EstimatorSystem
-
-#: Checkpoint key of the initializer's constructor arguments (used by ``FeedforwardInitializer.from_checkpoint``).
-INITIALIZER_CONFIG_KEY = "initializer_config"
 
 
 def check_fully_connected(net: EnergyModel) -> list[int]:
