@@ -456,8 +456,10 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     # train.py passes its own arguments with shipped --config paths resolved
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
-    # the systems log epoch means that they already summed over ranks themselves (metrics.EpochMeans)
+    # the systems log epoch means that they already summed over ranks themselves (systems.base.EpochMeans)
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('train/")
+    # the DivergenceGuard comes from the system's configure_callbacks on every run, also a resumed one
+    warnings.filterwarnings("ignore", message=r"(?s)Be aware that when using `ckpt_path`.*\['DivergenceGuard'\]\.$")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EPLightningCLI:
