@@ -68,53 +68,6 @@ def test_fashion_mnist_fit_with_the_p1h_config(tmp_path: Path) -> None:
     assert _recorded_labels(tmp_path / "batches.txt") == expected
 
 
-def test_cifar10_fit_with_a_conv_net_given_on_the_command_line(tmp_path: Path) -> None:
-    """P-1h's config with a small 3-channel ConvPrototypicalNet on a CIFAR-10 folder in the official format
-    (augmentation and Laborieux's normalisation on by default), monitors and checkpointing on, tqdm bar on."""
-    write_cifar(tmp_path / "data", train=20, test=30)
-    run = U.train_in_terminal(
-        [
-            "fit",
-            "--config",
-            P1H,
-            "--data.class_path",
-            "ep_lightning.data.CIFAR10DataModule",
-            *U.common(tmp_path, batches=3),
-            "--data.init_args.data_dir",
-            str(tmp_path / "data"),
-            "--data.init_args.verify_checksums",
-            "false",
-            "--data.init_args.test_subset",
-            "30",
-            "--model.init_args.net.class_path",
-            "ep_lightning.models.ConvPrototypicalNet",
-            "--model.init_args.net.init_args.input_channels",
-            "3",
-            "--model.init_args.net.init_args.input_size",
-            "32",
-            "--model.init_args.net.init_args.channels",
-            "[4, 8]",
-            "--model.init_args.lrs",
-            "[0.1, 0.05, 0.02]",
-            "--model.init_args.T",
-            "5",
-            "--model.init_args.K",
-            "2",
-        ],
-        tmp_path,
-    )
-    assert run.returncode == 0, run.stdout[-4000:]
-    assert "Epoch 0: 100%" in run.stdout
-    assert re.search(r"test accuracy \d+\.\d\d % \(error \d+\.\d\d %\)", run.stdout), run.stdout[-2000:]
-    folder = tmp_path / "runs" / "p1h_ep" / "version_0"
-    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint["global_step"] == 3
-    assert checkpoint["state_dict"]["net.convs.0.weight"].shape[1] == 3, "a 3-channel first convolution"
-    data = checkpoint["datamodule_hyper_parameters"]
-    assert data["augment"] is True and tuple(data["mean"]) == (0.4914, 0.4822, 0.4465)
-
-
-@pytest.mark.ddp
 def test_ddp_run_sigtermed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     """2 gloo processes, P-1h, 2 epochs × 40 batches of 20 per rank. SIGTERM reaches the launching process (rank
     0) at the end of step 25 (epoch 0, batch 25 of 40); the ranks stop together and save last.ckpt; ``--ckpt_path
@@ -169,3 +122,40 @@ def test_ddp_run_sigtermed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_pa
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize("config, kind", [("cifar10/vgg_ep", "cifar10"), ("cifar100/vgg_ep", "cifar100")])
+def test_shipped_cifar_config_trains_and_tests_on_official_format_files(config: str, kind: str, tmp_path: Path) -> None:
+    """The shipped CIFAR config (Laborieux et al.'s VGG, symmetric nudging, CE read-out, SGD + momentum + cosine) as
+    a user runs it: ``train.py fit`` on a folder in the official python-pickle format (``verify_checksums: false``
+    for its size), 2 batches of 4 with T 3 / K 2, logger, progress bar, checkpointing and monitors on, then the test."""
+    write_cifar(tmp_path / "data", kind=kind, train=8, test=8)
+    run = U.train_in_terminal(
+        [
+            "fit",
+            "--config",
+            str(U.CONFIGS / f"{config}.yaml"),
+            *U.common(tmp_path, batches=2),
+            "--data.init_args.data_dir",
+            str(tmp_path / "data"),
+            "--data.init_args.verify_checksums",
+            "false",
+            "--data.init_args.batch_size",
+            "4",
+            "--data.init_args.test_subset",
+            "8",
+            "--model.init_args.T",
+            "3",
+            "--model.init_args.K",
+            "2",
+        ],
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert re.search(r"test accuracy \d+\.\d\d % \(error \d+\.\d\d %\)", run.stdout), run.stdout[-2000:]
+    name = config.split("/")[1]
+    checkpoint = torch.load(tmp_path / "runs" / name / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert checkpoint["state_dict"]["net.fc.weight"].shape == (10 if kind == "cifar10" else 100, 512)
+    data = checkpoint["datamodule_hyper_parameters"]
+    assert data["augment"] is True and tuple(data["mean"]) == (0.4914, 0.4822, 0.4465)
